@@ -1,0 +1,118 @@
+// CPU implementations of opd_fast::opd_forward / opd_backward: checks, output allocation and
+// a parallel loop over rows; the per-row work is in row_stream.inc.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../op_checks.h"
+#include "row_stream.h"
+
+namespace opd_fast {
+namespace {
+
+cpu::ElementType element_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return cpu::ElementType::kFloat32;
+    case at::kDouble: return cpu::ElementType::kFloat64;
+    case at::kBFloat16: return cpu::ElementType::kBFloat16;
+    case at::kHalf: return cpu::ElementType::kFloat16;
+    default: TORCH_CHECK(false, "opd_fast: unsupported dtype ", dtype);
+  }
+}
+
+// Rows are ~V exps each; a grain of a few rows keeps threads busy without much overhead.
+constexpr int64_t kRowGrain = 4;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                const c10::optional<at::Tensor>& sampled_ids,
+                const c10::optional<at::Tensor>& row_valid, int64_t k, c10::string_view variant,
+                c10::string_view estimator, double temperature) {
+  const ForwardPlan plan =
+      plan_forward(student_logits, teacher_logits, sampled_ids, row_valid, k,
+                   std::string(variant), std::string(estimator), temperature);
+  const int64_t rows = plan.student.size(0);
+  const auto options = plan.student.options().dtype(plan.acc_dtype);
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor metrics = at::empty({rows, kNumMetrics}, options);
+  at::Tensor student_lse = at::empty({rows}, options);
+  at::Tensor teacher_lse = at::empty({rows}, options);
+  at::Tensor grad_scale = at::empty({rows}, options);
+  at::Tensor sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
+  at::Tensor sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
+  at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
+
+  cpu::ForwardArgs args{};
+  args.dtype = element_type(plan.student.scalar_type());
+  args.student = plan.student.data_ptr();
+  args.teacher = plan.teacher.data_ptr();
+  args.student_row_stride = plan.student.stride(0);
+  args.teacher_row_stride = plan.teacher.stride(0);
+  args.vocab = plan.student.size(1);
+  args.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  args.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  args.k = plan.k;
+  args.variant = plan.variant;
+  args.estimator = plan.estimator;
+  args.temperature = temperature;
+  args.sparse_width = plan.sparse_width;
+  args.loss = loss.data_ptr();
+  args.metrics = metrics.data_ptr();
+  args.student_lse = student_lse.data_ptr();
+  args.teacher_lse = teacher_lse.data_ptr();
+  args.grad_scale = grad_scale.data_ptr();
+  args.sparse_id = sparse_id.data_ptr<int64_t>();
+  args.sparse_coef = sparse_coef.data_ptr();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    cpu::forward_rows(args, begin, end);
+  });
+  return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+}
+
+at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                            const at::Tensor& teacher_logits, const at::Tensor& student_lse,
+                            const at::Tensor& grad_scale, const at::Tensor& sparse_id,
+                            const at::Tensor& sparse_coef, double temperature, bool full_vocab) {
+  check_backward(grad_loss, student_logits, teacher_logits, student_lse, grad_scale, sparse_id,
+                 sparse_coef, full_vocab);
+  const at::Tensor student = rows_contiguous(student_logits);
+  const at::Tensor teacher = full_vocab ? rows_contiguous(teacher_logits) : at::Tensor();
+  const at::Tensor grad_rows = grad_loss.contiguous();
+  const at::Tensor lse = student_lse.contiguous();
+  const at::Tensor scale = grad_scale.contiguous();
+  const at::Tensor ids = sparse_id.contiguous();
+  const at::Tensor coefs = sparse_coef.contiguous();
+  at::Tensor grad_student = at::empty(student.sizes(), student.options());
+  const int64_t rows = student.size(0);
+
+  cpu::BackwardArgs args{};
+  args.dtype = element_type(student.scalar_type());
+  args.student = student.data_ptr();
+  args.teacher = full_vocab ? teacher.data_ptr() : nullptr;
+  args.student_row_stride = student.stride(0);
+  args.teacher_row_stride = full_vocab ? teacher.stride(0) : 0;
+  args.vocab = student.size(1);
+  args.temperature = temperature;
+  args.full_vocab = full_vocab;
+  args.grad_loss = grad_rows.data_ptr();
+  args.student_lse = lse.data_ptr();
+  args.grad_scale = scale.data_ptr();
+  args.sparse_id = ids.data_ptr<int64_t>();
+  args.sparse_coef = coefs.data_ptr();
+  args.sparse_width = int(ids.size(1));
+  args.grad_student = grad_student.data_ptr();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    cpu::backward_rows(args, begin, end);
+  });
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_fast, CPU, m) {
+  m.impl("opd_forward", &opd_forward_cpu);
+  m.impl("opd_backward", &opd_backward_cpu);
+}
+
+}  // namespace opd_fast

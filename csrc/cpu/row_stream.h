@@ -1,0 +1,69 @@
+// Torch-free interface of the CPU row kernels (row_stream.inc), used by opd_cpu.cpp.
+#pragma once
+
+#include <cstdint>
+
+#include "opd_fast/row_loss.h"
+
+namespace opd_fast::cpu {
+
+enum class ElementType : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// 16-bit floats as raw bit patterns (layout-compatible with c10::BFloat16 / c10::Half).
+struct BF16 {
+  uint16_t bits;
+};
+struct FP16 {
+  uint16_t bits;
+};
+
+// Outputs are of the accumulation type: float64 for float64 inputs, float32 otherwise.
+struct ForwardArgs {
+  ElementType dtype;
+  const void* student;  // (N, V), unit stride along V
+  const void* teacher;  // (N, V)
+  int64_t student_row_stride;
+  int64_t teacher_row_stride;
+  int64_t vocab;
+  const int64_t* sampled_ids;  // (N,) or nullptr
+  const bool* row_valid;       // (N,) or nullptr: rows to skip write zeros
+  int k;
+  Variant variant;
+  Estimator estimator;
+  double temperature;
+  int sparse_width;  // columns of sparse_id / sparse_coef (2k)
+  void* loss;         // (N,)
+  void* metrics;      // (N, kNumMetrics)
+  void* student_lse;  // (N,)
+  void* teacher_lse;  // (N,)
+  void* grad_scale;   // (N,)  C
+  int64_t* sparse_id; // (N, sparse_width), -1 = unused
+  void* sparse_coef;  // (N, sparse_width)
+};
+
+struct BackwardArgs {
+  ElementType dtype;
+  const void* student;
+  const void* teacher;  // only read when full_vocab
+  int64_t student_row_stride;
+  int64_t teacher_row_stride;
+  int64_t vocab;
+  double temperature;
+  bool full_vocab;
+  const void* grad_loss;    // (N,) accumulation type
+  const void* student_lse;  // (N,)
+  const void* grad_scale;   // (N,)
+  const int64_t* sparse_id; // (N, sparse_width)
+  const void* sparse_coef;  // (N, sparse_width)
+  int sparse_width;
+  void* grad_student;  // (N, V) contiguous, input dtype
+};
+
+// Process rows [row_begin, row_end) with the widest instruction set this CPU has.
+void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end);
+void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end);
+
+// "avx512", "avx2" or "baseline": what forward_rows / backward_rows run on this CPU.
+const char* instruction_set();
+
+}  // namespace opd_fast::cpu

@@ -1,0 +1,224 @@
+// Per-row OPD loss, gradient coefficients and metrics from a row's top-k candidates.
+//
+// Torch-free and shared by the CPU and CUDA kernels (and later the sparse-teacher form): once
+// a streaming pass has produced both models' log-partition functions, entropies and top-k
+// sets, everything in ../shared/OPD_SPEC.md sections 2-4 needs only the union of the two
+// top-k sets with log p and log q at each of its ids. This file does that O(k) work.
+//
+// Gradient convention (consumed by the backward kernels), for a row with upstream grad g:
+//     dL/dz_j = (g / tau) * ( p_j * (C + D * (z_j - u_j) / tau) - coef(j) )
+// where coef(j) is non-zero only for the listed sparse ids, D = 1 only for full_vocab.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define OPD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define OPD_HOST_DEVICE inline
+#endif
+
+namespace opd_fast {
+
+enum class Variant : int {
+  kStudentTopk = 0,
+  kTeacherTopk = 1,
+  kOverlapTopk = 2,
+  kNonoverlapTopk = 3,
+  kUnionTopk = 4,
+  kFullVocab = 5,
+  kSampledToken = 6,
+};
+
+enum class Estimator : int { kPg = 0, kExact = 1 };
+
+// Per-token metrics, in the order of opd_fast.reference.TOKEN_METRIC_NAMES.
+enum Metric : int {
+  kOverlapRatio = 0,
+  kOverlapMassStudent,
+  kOverlapMassTeacher,
+  kOverlapTokenAdvantage,
+  kEntropyStudent,
+  kEntropyTeacher,
+  kEntropyGap,
+  kStudentTopkMass,
+  kTeacherTopkMass,
+  kSampledTokenKl,
+  kNumMetrics,
+};
+
+// Largest k the kernels accept; the candidate union holds at most 2 * kMaxK ids.
+constexpr int kMaxK = 128;
+constexpr int kMaxCandidates = 2 * kMaxK;
+
+// What a streaming pass knows about one row, all in the tempered space (logits / tau).
+template <typename acc_t>
+struct RowStats {
+  acc_t student_lse;      // log sum_j exp(z_j / tau)
+  acc_t teacher_lse;      // log sum_j exp(u_j / tau)
+  acc_t student_entropy;  // H(p)
+  acc_t teacher_entropy;  // H(q)
+  acc_t full_kl;          // KL(p || q) over the vocabulary; only filled for full_vocab
+  bool has_sampled;       // sampled_ids given
+  acc_t sampled_log_p;    // log p(y_t)
+  acc_t sampled_log_q;    // log q(y_t)
+  int64_t sampled_id;     // y_t
+};
+
+// The union of both top-k sets, each id once.
+template <typename acc_t>
+struct Candidates {
+  int count;
+  const int64_t* id;
+  const acc_t* log_p;
+  const acc_t* log_q;
+  const bool* in_student;  // in S_p
+  const bool* in_teacher;  // in S_q
+};
+
+// What the row contributes to the loss and to the backward pass.
+template <typename acc_t>
+struct RowResult {
+  acc_t loss;
+  acc_t grad_scale;  // C
+  int sparse_count;  // entries written to sparse_id / sparse_coef
+};
+
+template <typename acc_t>
+OPD_HOST_DEVICE acc_t safe_exp(acc_t x) {
+  return x == -INFINITY ? acc_t(0) : exp(x);
+}
+
+// w * (log_q - log_p), with 0 where w is 0 so that 0 * inf never becomes NaN.
+template <typename acc_t>
+OPD_HOST_DEVICE acc_t weighted_log_ratio(acc_t weight, acc_t log_q, acc_t log_p) {
+  return weight > acc_t(0) ? weight * (log_q - log_p) : acc_t(0);
+}
+
+OPD_HOST_DEVICE bool in_loss_set(Variant variant, bool in_student, bool in_teacher) {
+  switch (variant) {
+    case Variant::kStudentTopk: return in_student;
+    case Variant::kTeacherTopk: return in_teacher;
+    case Variant::kOverlapTopk: return in_student && in_teacher;
+    case Variant::kNonoverlapTopk: return in_student != in_teacher;
+    case Variant::kUnionTopk: return true;
+    default: return false;
+  }
+}
+
+// Fills metrics[kNumMetrics] for one row (spec section 4).
+template <typename acc_t>
+OPD_HOST_DEVICE void row_metrics(const RowStats<acc_t>& stats, const Candidates<acc_t>& cand,
+                                 int k, acc_t* metrics) {
+  int overlap_count = 0;
+  acc_t overlap_mass_p = 0, overlap_mass_q = 0, student_mass = 0, teacher_mass = 0;
+  for (int i = 0; i < cand.count; ++i) {
+    const acc_t p = safe_exp(cand.log_p[i]);
+    const acc_t q = safe_exp(cand.log_q[i]);
+    if (cand.in_student[i]) student_mass += p;
+    if (cand.in_teacher[i]) teacher_mass += q;
+    if (cand.in_student[i] && cand.in_teacher[i]) {
+      ++overlap_count;
+      overlap_mass_p += p;
+      overlap_mass_q += q;
+    }
+  }
+  // Mean over O of ptil * (log qtil - log ptil), with ptil, qtil renormalised over O.
+  acc_t overlap_advantage = NAN;
+  if (overlap_count > 0) {
+    const acc_t log_zp = log(overlap_mass_p), log_zq = log(overlap_mass_q);
+    acc_t total = 0;
+    for (int i = 0; i < cand.count; ++i) {
+      if (!(cand.in_student[i] && cand.in_teacher[i])) continue;
+      const acc_t log_p_til = cand.log_p[i] - log_zp;
+      const acc_t p_til = overlap_mass_p > acc_t(0) ? safe_exp(log_p_til) : acc_t(0);
+      total += weighted_log_ratio(p_til, cand.log_q[i] - log_zq, log_p_til);
+    }
+    overlap_advantage = total / acc_t(overlap_count);
+  }
+  metrics[kOverlapRatio] = acc_t(overlap_count) / acc_t(k);
+  metrics[kOverlapMassStudent] = overlap_mass_p;
+  metrics[kOverlapMassTeacher] = overlap_mass_q;
+  metrics[kOverlapTokenAdvantage] = overlap_advantage;
+  metrics[kEntropyStudent] = stats.student_entropy;
+  metrics[kEntropyTeacher] = stats.teacher_entropy;
+  metrics[kEntropyGap] = fabs(stats.teacher_entropy - stats.student_entropy);
+  metrics[kStudentTopkMass] = student_mass;
+  metrics[kTeacherTopkMass] = teacher_mass;
+  metrics[kSampledTokenKl] =
+      stats.has_sampled ? stats.sampled_log_p - stats.sampled_log_q : acc_t(0);
+}
+
+// Loss value, C and the sparse gradient coefficients of one row (spec section 3).
+// sparse_id / sparse_coef need room for cand.count entries (1 for sampled_token).
+template <typename acc_t>
+OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,
+                                          const RowStats<acc_t>& stats,
+                                          const Candidates<acc_t>& cand, int64_t* sparse_id,
+                                          acc_t* sparse_coef) {
+  RowResult<acc_t> result{acc_t(0), acc_t(0), 0};
+  if (variant == Variant::kFullVocab) {
+    // Both estimators are the true reverse KL: grad = p_j (log p_j - log q_j - KL) / tau.
+    result.loss = stats.full_kl;
+    result.grad_scale = stats.teacher_lse - stats.student_lse - stats.full_kl;
+    return result;
+  }
+  if (variant == Variant::kSampledToken) {
+    const acc_t advantage = stats.sampled_log_q - stats.sampled_log_p;
+    result.loss = -advantage;
+    result.grad_scale = advantage;
+    sparse_id[0] = stats.sampled_id;
+    sparse_coef[0] = advantage;
+    result.sparse_count = 1;
+    return result;
+  }
+  // Set masses (for renormalisation), in probability space: log p <= 0 so no overflow.
+  acc_t mass_p = 0, mass_q = 0;
+  for (int i = 0; i < cand.count; ++i) {
+    if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
+    mass_p += safe_exp(cand.log_p[i]);
+    mass_q += safe_exp(cand.log_q[i]);
+  }
+  if (estimator == Estimator::kPg) {
+    const bool renormalise = variant != Variant::kNonoverlapTopk;
+    acc_t advantage_sum = 0;
+    for (int i = 0; i < cand.count; ++i) {
+      if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
+      const acc_t p = safe_exp(cand.log_p[i]);
+      acc_t weight = p;
+      if (renormalise) weight = mass_p > acc_t(0) ? p / mass_p : acc_t(0);
+      const acc_t advantage = weighted_log_ratio(weight, cand.log_q[i], cand.log_p[i]);
+      if (advantage == acc_t(0)) continue;
+      advantage_sum += advantage;
+      sparse_id[result.sparse_count] = cand.id[i];
+      sparse_coef[result.sparse_count] = advantage;
+      ++result.sparse_count;
+    }
+    result.loss = -advantage_sum;
+    result.grad_scale = advantage_sum;
+    return result;
+  }
+  // exact: sum_A pbar (log pbar - log qbar), gradient pbar_j (log pbar_j - log qbar_j - L).
+  if (!(mass_p > acc_t(0))) return result;
+  const acc_t log_zp = log(mass_p), log_zq = log(mass_q);
+  acc_t loss = 0;
+  for (int i = 0; i < cand.count; ++i) {
+    if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
+    const acc_t log_p_bar = cand.log_p[i] - log_zp;
+    loss += weighted_log_ratio(safe_exp(log_p_bar), log_p_bar, cand.log_q[i] - log_zq);
+  }
+  for (int i = 0; i < cand.count; ++i) {
+    if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
+    const acc_t log_p_bar = cand.log_p[i] - log_zp;
+    const acc_t p_bar = safe_exp(log_p_bar);
+    if (!(p_bar > acc_t(0))) continue;
+    sparse_id[result.sparse_count] = cand.id[i];
+    sparse_coef[result.sparse_count] = -p_bar * (log_p_bar - (cand.log_q[i] - log_zq) - loss);
+    ++result.sparse_count;
+  }
+  result.loss = loss;
+  return result;
+}
+
+}  // namespace opd_fast

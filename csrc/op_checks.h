@@ -1,0 +1,133 @@
+// Argument checks and parsing shared by the CPU and CUDA launchers of the opd_fast ops.
+// The Python wrapper checks first with friendlier messages; these keep direct torch.ops
+// callers from ever reaching a kernel with shapes that would read out of bounds.
+#pragma once
+
+#include <string>
+
+#include <ATen/ATen.h>
+
+#include "opd_fast/row_loss.h"
+
+namespace opd_fast {
+
+inline Variant parse_variant(const std::string& name) {
+  if (name == "student_topk") return Variant::kStudentTopk;
+  if (name == "teacher_topk") return Variant::kTeacherTopk;
+  if (name == "overlap_topk") return Variant::kOverlapTopk;
+  if (name == "nonoverlap_topk") return Variant::kNonoverlapTopk;
+  if (name == "union_topk") return Variant::kUnionTopk;
+  if (name == "full_vocab") return Variant::kFullVocab;
+  if (name == "sampled_token") return Variant::kSampledToken;
+  TORCH_CHECK(false, "opd_fast: unknown variant '", name,
+              "'; expected student_topk, teacher_topk, overlap_topk, nonoverlap_topk, "
+              "union_topk, full_vocab or sampled_token");
+}
+
+inline Estimator parse_estimator(const std::string& name) {
+  if (name == "pg") return Estimator::kPg;
+  if (name == "exact") return Estimator::kExact;
+  TORCH_CHECK(false, "opd_fast: unknown estimator '", name, "'; expected pg or exact");
+}
+
+inline void check_logits_dtype(const at::Tensor& t, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "opd_fast: ", name, " must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+// Rows may be strided, but each row must be contiguous.
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+struct ForwardPlan {
+  at::Tensor student;
+  at::Tensor teacher;
+  Variant variant;
+  Estimator estimator;
+  int k;
+  int sparse_width;
+  at::ScalarType acc_dtype;
+};
+
+inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                const c10::optional<at::Tensor>& sampled_ids,
+                                const c10::optional<at::Tensor>& row_valid, int64_t k,
+                                const std::string& variant, const std::string& estimator,
+                                double temperature) {
+  TORCH_CHECK(student.dim() == 2, "opd_fast: student_logits must be (N, V), got ",
+              student.sizes());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "opd_fast: teacher_logits shape ",
+              teacher.sizes(), " != student_logits shape ", student.sizes());
+  check_logits_dtype(student, "student_logits");
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
+              "opd_fast: teacher_logits dtype ", teacher.scalar_type(),
+              " != student_logits dtype ", student.scalar_type());
+  TORCH_CHECK(teacher.device() == student.device(), "opd_fast: teacher_logits on ",
+              teacher.device(), " but student_logits on ", student.device());
+  const int64_t vocab = student.size(1);
+  TORCH_CHECK(k >= 1 && k <= vocab && k <= kMaxK, "opd_fast: k must be in [1, min(V, ", kMaxK,
+              ")], got k=", k, " with V=", vocab);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "opd_fast: temperature must be positive and finite, got ", temperature);
+  const Variant parsed_variant = parse_variant(variant);
+  const Estimator parsed_estimator = parse_estimator(estimator);
+  TORCH_CHECK(!(parsed_variant == Variant::kSampledToken && parsed_estimator == Estimator::kExact),
+              "opd_fast: estimator 'exact' has no form for variant 'sampled_token'");
+  TORCH_CHECK(parsed_variant != Variant::kSampledToken || sampled_ids.has_value(),
+              "opd_fast: variant 'sampled_token' needs sampled_ids");
+  if (sampled_ids.has_value()) {
+    const auto& ids = *sampled_ids;
+    TORCH_CHECK(ids.scalar_type() == at::kLong, "opd_fast: sampled_ids must be int64, got ",
+                ids.scalar_type());
+    TORCH_CHECK(ids.dim() == 1 && ids.size(0) == student.size(0),
+                "opd_fast: sampled_ids must be (N,) = (", student.size(0), ",), got ", ids.sizes());
+    TORCH_CHECK(ids.device() == student.device(), "opd_fast: sampled_ids on ", ids.device(),
+                " but logits on ", student.device());
+  }
+  if (row_valid.has_value()) {
+    const auto& valid = *row_valid;
+    TORCH_CHECK(valid.scalar_type() == at::kBool, "opd_fast: row_valid must be bool, got ",
+                valid.scalar_type());
+    TORCH_CHECK(valid.dim() == 1 && valid.size(0) == student.size(0),
+                "opd_fast: row_valid must be (N,) = (", student.size(0), ",), got ",
+                valid.sizes());
+    TORCH_CHECK(valid.device() == student.device(), "opd_fast: row_valid on ", valid.device(),
+                " but logits on ", student.device());
+  }
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return ForwardPlan{rows_contiguous(student), rows_contiguous(teacher), parsed_variant,
+                     parsed_estimator, int(k), int(2 * k), acc_dtype};
+}
+
+inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& student,
+                           const at::Tensor& teacher, const at::Tensor& student_lse,
+                           const at::Tensor& grad_scale, const at::Tensor& sparse_id,
+                           const at::Tensor& sparse_coef, bool full_vocab) {
+  TORCH_CHECK(student.dim() == 2, "opd_fast: student_logits must be (N, V)");
+  check_logits_dtype(student, "student_logits");
+  const int64_t rows = student.size(0);
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&grad_loss, &student_lse, &grad_scale}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == acc_dtype &&
+                    t->device() == student.device(),
+                "opd_fast: backward row tensors must be (N,) ", acc_dtype, " on ",
+                student.device());
+  }
+  TORCH_CHECK(sparse_id.dim() == 2 && sparse_id.size(0) == rows &&
+                  sparse_id.scalar_type() == at::kLong && sparse_id.device() == student.device(),
+              "opd_fast: sparse_id must be (N, W) int64");
+  TORCH_CHECK(sparse_coef.sizes() == sparse_id.sizes() && sparse_coef.scalar_type() == acc_dtype &&
+                  sparse_coef.device() == student.device(),
+              "opd_fast: sparse_coef must match sparse_id");
+  if (full_vocab) {
+    TORCH_CHECK(teacher.sizes() == student.sizes() &&
+                    teacher.scalar_type() == student.scalar_type() &&
+                    teacher.device() == student.device(),
+                "opd_fast: full_vocab backward needs teacher_logits like student_logits");
+  }
+}
+
+}  // namespace opd_fast

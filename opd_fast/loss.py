@@ -1,0 +1,252 @@
+"""The public OPD loss: opd_fast.opd_loss and the nn.Module wrapper OPDLoss.
+
+Validates arguments (errors name the problem), flattens (B, T, V) to (N, V), runs the fused
+op, reduces per-token losses and metrics over valid tokens. Math: ../shared/OPD_SPEC.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_fast import ops
+from opd_fast._extension import require_extension
+from opd_fast.reference import ESTIMATORS, TOKEN_METRIC_NAMES, VARIANTS, reduce_rows
+
+REDUCTIONS = ("token_mean", "seq_mean_token_sum", "sum", "none")
+LOGITS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class OPDLossOutput:
+    """loss: scalar (or per token for reduction='none'), differentiable w.r.t. student_logits.
+    metrics: spec section 4 means over valid tokens (0-dim fp32 tensors, no host sync), plus
+      `overlap_empty_rows` (valid tokens left out of overlap_token_advantage's mean) and
+      `num_tokens`. `sampled_token_kl` appears when sampled_ids is given.
+    token_metrics: per-token tensors shaped like the logits' leading dims (with the per-token
+      `loss`), only when return_token_metrics=True.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    token_metrics: dict[str, torch.Tensor] | None = None
+
+
+def _check_arguments(
+    student_logits, teacher_logits, k, variant, estimator, temperature, mask, sampled_ids,
+    reduction,
+):
+    for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() not in (2, 3):
+            raise ValueError(f"{name} must be (N, V) or (B, T, V), got shape {tuple(tensor.shape)}")
+        if tensor.dtype not in LOGITS_DTYPES:
+            raise TypeError(
+                f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}"
+            )
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, "
+            f"teacher_logits has V={teacher_logits.shape[-1]}; slice both to the shared "
+            "vocabulary first"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(student_logits.shape)} vs teacher_logits "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if student_logits.dtype != teacher_logits.dtype:
+        raise TypeError(
+            f"dtype mismatch: student_logits is {student_logits.dtype}, teacher_logits is "
+            f"{teacher_logits.dtype}; cast the teacher logits to the student's dtype"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"device mismatch: student_logits on {student_logits.device}, teacher_logits on "
+            f"{teacher_logits.device}"
+        )
+    if student_logits.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"opd_fast runs on cpu and cuda, got {student_logits.device}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if variant == "sampled_token" and estimator == "exact":
+        raise ValueError("estimator='exact' has no form for variant='sampled_token'; use 'pg'")
+    if variant == "sampled_token" and sampled_ids is None:
+        raise ValueError("variant='sampled_token' needs sampled_ids (the realised tokens)")
+    vocab = student_logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= min(vocab, ops.MAX_K):
+        raise ValueError(f"k must be in [1, min(V, {ops.MAX_K})], got k={k} with V={vocab}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    batch_shape = tuple(student_logits.shape[:-1])
+    for name, tensor in (("mask", mask), ("sampled_ids", sampled_ids)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != batch_shape:
+            raise ValueError(
+                f"{name} must have the logits' leading shape {batch_shape}, got "
+                f"{tuple(tensor.shape)}"
+            )
+        if tensor.device != student_logits.device:
+            raise ValueError(f"{name} on {tensor.device} but logits on {student_logits.device}")
+    if sampled_ids is not None and (sampled_ids.dtype.is_floating_point or sampled_ids.dtype == torch.bool):
+        raise TypeError(f"sampled_ids must be an integer tensor, got {sampled_ids.dtype}")
+    if reduction == "seq_mean_token_sum" and student_logits.dim() != 3:
+        raise ValueError("reduction='seq_mean_token_sum' needs (B, T, V) logits")
+
+
+def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult):
+    """Host-side checks of values (one device sync); skipped under torch.compile."""
+    if sampled_ids is not None:
+        out_of_range = valid & ((sampled_ids < 0) | (sampled_ids >= vocab))
+        if bool(out_of_range.any()):
+            row = int(out_of_range.nonzero()[0, 0])
+            raise ValueError(
+                f"sampled_ids out of range [0, {vocab}): row {row} holds {int(sampled_ids[row])}"
+            )
+    for name, lse in (("student_logits", result.student_lse), ("teacher_logits", result.teacher_lse)):
+        bad = valid & ~torch.isfinite(lse)
+        if bool(bad.any()):
+            rows = bad.nonzero()[:, 0]
+            first = int(rows[0])
+            problem = "every entry is -inf" if float(lse[first]) == float("-inf") else "NaN or +inf"
+            raise ValueError(
+                f"{name}: {rows.numel()} valid row(s) with {problem} (first: flattened row "
+                f"{first}); -inf is allowed for masked vocabulary entries, NaN and +inf are not"
+            )
+
+
+def _mean_metrics(metric_rows, valid, sampled_given):
+    """Means over valid tokens; overlap_token_advantage skips rows with an empty overlap."""
+    weights = valid.to(metric_rows.dtype)
+    count = weights.sum()
+    denominator = count.clamp_min(1)
+    means = {}
+    for index, name in enumerate(TOKEN_METRIC_NAMES):
+        if name == "sampled_token_kl" and not sampled_given:
+            continue
+        column = metric_rows[:, index]
+        if name == "overlap_token_advantage":
+            defined = valid & ~torch.isnan(column)
+            total = torch.where(defined, column, torch.zeros_like(column)).sum()
+            defined_count = defined.to(column.dtype).sum()
+            means[name] = (total / defined_count.clamp_min(1)).float()
+            means["overlap_empty_rows"] = (count - defined_count).float()
+        else:
+            means[name] = ((column * weights).sum() / denominator).float()
+    means["num_tokens"] = count.float()
+    return means
+
+
+def opd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    k: int = 16,
+    variant: str = "student_topk",
+    estimator: str = "pg",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    sampled_ids: torch.Tensor | None = None,
+    reduction: str = "token_mean",
+    return_token_metrics: bool = False,
+    check_values: bool = True,
+) -> OPDLossOutput:
+    """Top-k reverse-KL OPD loss and its metrics, fused (one pass forward, one backward).
+
+    student_logits, teacher_logits: (N, V) or (B, T, V), same dtype (fp32/bf16/fp16/fp64);
+      gradients flow to student_logits only and come back in its dtype.
+    mask: bool/0-1 tensor shaped like the leading dims; False tokens are skipped entirely.
+    sampled_ids: int tensor shaped like the leading dims (the realised tokens y_t); needed
+      for variant='sampled_token', and adds the sampled_token_kl metric.
+    variant: student_topk | teacher_topk | overlap_topk | nonoverlap_topk | union_topk |
+      full_vocab | sampled_token.  estimator: pg | exact.
+    reduction: token_mean | seq_mean_token_sum (needs (B, T, V)) | sum | none.
+    check_values: raise on NaN/+inf logits, all -inf rows and out-of-range sampled_ids
+      (costs one device sync; skipped inside torch.compile).
+    """
+    _check_arguments(
+        student_logits, teacher_logits, k, variant, estimator, temperature, mask, sampled_ids,
+        reduction,
+    )
+    require_extension(student_logits.device)
+    batch_shape = tuple(student_logits.shape[:-1])
+    vocab = student_logits.shape[-1]
+    student_rows = student_logits.reshape(-1, vocab)
+    teacher_rows = teacher_logits.reshape(-1, vocab)
+    rows = student_rows.shape[0]
+    valid = (
+        torch.ones(rows, dtype=torch.bool, device=student_rows.device)
+        if mask is None
+        else mask.reshape(-1).bool()
+    )
+    flat_ids = None if sampled_ids is None else sampled_ids.reshape(-1).long()
+    result = ops.opd_forward(
+        student_rows,
+        teacher_rows,
+        flat_ids,
+        None if mask is None else valid,
+        k,
+        variant,
+        estimator,
+        float(temperature),
+    )
+    if check_values and not torch.compiler.is_compiling():
+        _check_values(valid, flat_ids, vocab, result)
+    loss = reduce_rows(result.loss, valid, reduction, batch_shape)
+    metrics = _mean_metrics(result.metrics, valid, sampled_ids is not None)
+    token_metrics = None
+    if return_token_metrics:
+        token_metrics = {"loss": result.loss.detach().reshape(batch_shape)}
+        for index, name in enumerate(TOKEN_METRIC_NAMES):
+            if name == "sampled_token_kl" and sampled_ids is None:
+                continue
+            token_metrics[name] = result.metrics[:, index].reshape(batch_shape)
+    return OPDLossOutput(loss=loss, metrics=metrics, token_metrics=token_metrics)
+
+
+class OPDLoss(torch.nn.Module):
+    """nn.Module form of opd_loss with the loss settings fixed at construction."""
+
+    def __init__(
+        self,
+        k: int = 16,
+        variant: str = "student_topk",
+        estimator: str = "pg",
+        temperature: float = 1.0,
+        reduction: str = "token_mean",
+    ):
+        super().__init__()
+        self.k, self.variant, self.estimator = k, variant, estimator
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, student_logits, teacher_logits, mask=None, sampled_ids=None,
+                return_token_metrics=False) -> OPDLossOutput:
+        return opd_loss(
+            student_logits,
+            teacher_logits,
+            k=self.k,
+            variant=self.variant,
+            estimator=self.estimator,
+            temperature=self.temperature,
+            mask=mask,
+            sampled_ids=sampled_ids,
+            reduction=self.reduction,
+            return_token_metrics=return_token_metrics,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, variant={self.variant!r}, estimator={self.estimator!r}, "
+            f"temperature={self.temperature}, reduction={self.reduction!r}"
+        )
