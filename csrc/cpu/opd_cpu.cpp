@@ -4,6 +4,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
+#include <cstdint>
+
 #include "../op_checks.h"
 #include "row_stream.h"
 
@@ -18,6 +22,21 @@ cpu::ElementType element_type(at::ScalarType dtype) {
     case at::kHalf: return cpu::ElementType::kFloat16;
     default: TORCH_CHECK(false, "opd_fast: unsupported dtype ", dtype);
   }
+}
+
+// A fresh (N, V) gradient costs one page fault per 4 KiB on first write, which for large
+// buffers takes longer than the kernel itself; ask for transparent huge pages instead.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t aligned_begin = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t aligned_end = end & ~(kHuge - 1);
+  if (aligned_end > aligned_begin) {
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
+  }
+#endif
 }
 
 // Rows are ~V exps each; a grain of a few rows keeps threads busy without much overhead.
@@ -84,6 +103,7 @@ at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
   const at::Tensor ids = sparse_id.contiguous();
   const at::Tensor coefs = sparse_coef.contiguous();
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
+  advise_huge_pages(grad_student);
   const int64_t rows = student.size(0);
 
   cpu::BackwardArgs args{};
