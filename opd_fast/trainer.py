@@ -1,0 +1,424 @@
+"""The OPD training loop: opd_fast.train(config).
+
+One step: draw prompts, sample rollouts with the student, score every response position with
+the frozen teacher, compute the top-k reverse-KL loss and the spec metrics with the fused op
+over micro-batches (gradient accumulation), clip and update. Writes metrics.jsonl,
+summary.json, dynamics.png and checkpoints to the run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd_fast import checkpoint as ckpt
+from opd_fast.config import TOY, TrainConfig, make_config
+from opd_fast.data import Example, PromptSampler, load_examples, render_prompt
+from opd_fast.grading import is_correct
+from opd_fast.loss import opd_loss
+from opd_fast.metrics import MetricsLog, StepMetrics, summarise, write_json
+from opd_fast.models import (
+    check_tokenizers_match,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    resolve_attention,
+    resolve_device,
+    resolve_dtype,
+    shared_vocab_size,
+)
+from opd_fast.plots import plot_dynamics
+from opd_fast.rollout import RolloutBatch, generate
+from opd_fast.teacher import LocalTeacher, Teacher
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Resolved:
+    """Paths after 'toy' has been replaced by the embedded default's files."""
+
+    student: str
+    teacher: str
+    train_data: str
+    eval_data: str
+
+
+def resolve_paths(config: TrainConfig, progress: bool) -> Resolved:
+    values = {
+        "student": config.student,
+        "teacher": config.teacher,
+        "train_data": config.train_data,
+        "eval_data": config.eval_data,
+    }
+    if TOY in values.values():
+        from opd_fast.toy import toy_assets
+
+        assets = toy_assets(progress=progress)
+        toy_values = {
+            "student": assets.student_dir,
+            "teacher": assets.teacher_dir,
+            "train_data": assets.train_prompts,
+            "eval_data": assets.eval_prompts,
+        }
+        values = {key: toy_values[key] if value == TOY else value for key, value in values.items()}
+    return Resolved(**values)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, teacher: Teacher | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        attention = resolve_attention(config.attn_implementation, self.device)
+        seed_everything(config.seed)
+        self.paths = resolve_paths(config, config.progress)
+
+        self.tokenizer = load_tokenizer(self.paths.student)
+        self.student = load_model(self.paths.student, self.device, self.dtype, attention, True)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.student)
+        if teacher is not None:
+            self.teacher = teacher
+        elif config.teacher_url:
+            from opd_fast.serving.remote_teacher import RemoteTeacher
+
+            self.teacher = RemoteTeacher(config.teacher_url, token=config.teacher_token)
+            self.teacher.check_tokenizer(self.tokenizer)
+        else:
+            check_tokenizers_match(self.tokenizer, load_tokenizer(self.paths.teacher))
+            teacher_model = load_model(self.paths.teacher, self.device, self.dtype, attention, False)
+            self.teacher = LocalTeacher(teacher_model, config.teacher_batch_size)
+        self.vocab = self._shared_vocab()
+        if config.k > self.vocab:
+            raise ValueError(f"config: k={config.k} is larger than the vocabulary ({self.vocab})")
+
+        self.train_examples = load_examples(self.paths.train_data)
+        self.eval_examples = load_examples(self.paths.eval_data)
+        if config.eval_max_prompts:
+            self.eval_examples = self.eval_examples[: config.eval_max_prompts]
+        self.sampler = PromptSampler(self.train_examples, config.seed)
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(),
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        os.makedirs(config.run_dir, exist_ok=True)
+        self.log = MetricsLog(os.path.join(config.run_dir, "metrics.jsonl"))
+        self.step = 0
+        self.wall_before = 0.0  # wall time of earlier (resumed-from) sessions
+
+    def _shared_vocab(self) -> int:
+        student_rows = self.student.get_output_embeddings().weight.shape[0]
+        teacher_rows = self.teacher.vocab_size
+        shared = min(student_rows, teacher_rows)
+        if shared < len(self.tokenizer):
+            raise ValueError(
+                f"vocabulary mismatch: tokenizer has {len(self.tokenizer)} tokens, student "
+                f"{student_rows} and teacher {teacher_rows} output rows"
+            )
+        return shared
+
+    # ---- evaluation -------------------------------------------------------------------
+
+    def prompts(self, examples: list[Example]) -> list[str]:
+        return [render_prompt(e, self.config.prompt_template, self.tokenizer) for e in examples]
+
+    def accuracy(self, model, examples: list[Example]) -> float:
+        """avg@n accuracy at the evaluation temperature / top-p."""
+        config = self.config
+        repeated = [e for e in examples for _ in range(config.eval_samples)]
+        batch = generate(
+            model,
+            self.tokenizer,
+            self.prompts(repeated),
+            eos_ids=self.eos_ids,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.eval_temperature,
+            top_p=config.eval_top_p,
+            batch_size=config.rollout_batch_size,
+        )
+        correct = [is_correct(r, e.answer) for r, e in zip(batch.responses, repeated)]
+        return sum(correct) / len(correct)
+
+    def evaluate(self, with_teacher: bool = False) -> dict:
+        record = {"kind": "eval", "step": self.step}
+        record["student_accuracy"] = self.accuracy(self.student, self.eval_examples)
+        if with_teacher and isinstance(self.teacher, LocalTeacher):
+            record["teacher_accuracy"] = self.accuracy(self.teacher.model, self.eval_examples)
+        self.log.write(record)
+        return record
+
+    # ---- one training step ------------------------------------------------------------
+
+    def rollouts(self) -> tuple[RolloutBatch, list[Example]]:
+        config = self.config
+        examples = self.sampler.next_batch(config.prompts_per_step)
+        repeated = [e for e in examples for _ in range(config.rollouts_per_prompt)]
+        batch = generate(
+            self.student,
+            self.tokenizer,
+            self.prompts(repeated),
+            eos_ids=self.eos_ids,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.rollout_temperature,
+            top_p=config.rollout_top_p,
+            batch_size=config.rollout_batch_size,
+        )
+        return batch, repeated
+
+    def loss_on(self, batch: RolloutBatch, total_tokens: int, total_sequences: int, timers):
+        """Loss of one micro-batch, scaled so that summing over micro-batches gives the step's
+        token_mean (or seq_mean_token_sum); returns (scaled loss, opd_loss metrics)."""
+        config = self.config
+        started = time.perf_counter()
+        teacher_logits = self.teacher.logits(batch.input_ids, batch.attention_mask, batch.position_ids)
+        timers["teacher"] += time.perf_counter() - started
+        student_logits = self.student(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
+        # Position t predicts token t + 1; drop padded vocabulary columns past the shared part.
+        student_rows = student_logits[:, :-1, : self.vocab]
+        teacher_rows = teacher_logits[:, :-1, : self.vocab].to(student_rows.dtype)
+        mask = batch.response_mask[:, 1:]
+        output = opd_loss(
+            student_rows,
+            teacher_rows,
+            k=config.k,
+            variant=config.variant,
+            estimator=config.estimator,
+            temperature=config.loss_temperature,
+            mask=mask,
+            sampled_ids=batch.input_ids[:, 1:],
+            reduction="sum" if config.reduction == "token_mean" else "seq_mean_token_sum",
+        )
+        if config.reduction == "token_mean":
+            scaled = output.loss / max(total_tokens, 1)
+        else:
+            scaled = output.loss * (batch.input_ids.shape[0] / total_sequences)
+        return scaled, output.metrics
+
+    def train_step(self) -> dict:
+        config = self.config
+        timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0}
+        started = time.perf_counter()
+        batch, examples = self.rollouts()
+        timers["rollout"] = time.perf_counter() - started
+        rewards = [is_correct(r, e.answer) for r, e in zip(batch.responses, examples)]
+
+        started = time.perf_counter()
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_tokens = int(batch.response_mask[:, 1:].sum())
+        sequences = batch.input_ids.shape[0]
+        step_metrics = StepMetrics()
+        loss_value = 0.0
+        for start in range(0, sequences, config.micro_batch_size):
+            micro = batch.select(start, min(start + config.micro_batch_size, sequences))
+            scaled, metrics = self.loss_on(micro, total_tokens, sequences, timers)
+            if not torch.isfinite(scaled):
+                raise TrainingDiverged(f"loss is {float(scaled)} at step {self.step + 1}")
+            scaled.backward()
+            loss_value += float(scaled.detach())
+            step_metrics.add(metrics)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        timers["train"] = time.perf_counter() - started - timers["teacher"]
+        self.step += 1
+
+        record = {"kind": "train", "step": self.step, "loss": loss_value}
+        record.update(step_metrics.means())
+        tokens = batch.num_response_tokens
+        record.update(
+            grad_norm=grad_norm,
+            lr=lr,
+            train_reward=sum(rewards) / len(rewards),
+            mean_response_length=tokens / sequences,
+            truncated_fraction=sum(batch.truncated) / sequences,
+            rollout_tokens_per_s=tokens / max(timers["rollout"], 1e-9),
+            teacher_tokens_per_s=tokens / max(timers["teacher"], 1e-9),
+            train_tokens_per_s=tokens / max(timers["train"], 1e-9),
+            step_seconds=sum(timers.values()),
+            peak_memory_mib=peak_memory_mib(self.device),
+        )
+        self.log.write(record)
+        return record
+
+    # ---- checkpoints ------------------------------------------------------------------
+
+    def save(self) -> str:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "config": self.config.to_dict(),
+            "wall_seconds": self.wall_before + (time.perf_counter() - self.session_started),
+        }
+        return ckpt.save_checkpoint(self.config.run_dir, self.step, self.student, self.tokenizer, state)
+
+    def restore(self) -> bool:
+        """Resume from the run folder's latest checkpoint; False if there is none."""
+        path = ckpt.latest_checkpoint(self.config.run_dir)
+        if path is None:
+            return False
+        checkpoint = ckpt.load_checkpoint(path)
+        ckpt.load_weights(self.student, checkpoint.model_dir)
+        state = checkpoint.trainer_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = checkpoint.step
+        self.wall_before = float(state.get("wall_seconds", 0.0))
+        self.log.truncate_after(self.step)
+        return True
+
+    # ---- the run ----------------------------------------------------------------------
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train to config.steps (from the latest checkpoint when resuming).
+
+        Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt; a
+        second Ctrl-C aborts at once. stop_after: leave after that many steps of this session
+        the same way (saved, resumable), without raising.
+        """
+        config = self.config
+        self.session_started = time.perf_counter()
+        resumed = self.restore() if resume else False
+        if not resumed:
+            if os.path.exists(self.log.path):
+                os.remove(self.log.path)  # a fresh run starts a fresh log
+            write_json(os.path.join(config.run_dir, "config.json"), config.to_dict())
+            self.evaluate(with_teacher=True)
+        progress = _progress(config, initial=self.step)
+        session_steps = 0
+        with _StopRequest() as stop:
+            try:
+                while self.step < config.steps:
+                    record = self.train_step()
+                    session_steps += 1
+                    if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                        record["student_accuracy"] = self.evaluate()["student_accuracy"]
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        self.save()
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(
+                            loss=f"{record['loss']:.4f}", overlap=f"{record['overlap_ratio']:.3f}"
+                        )
+                    interrupted = stop.requested
+                    if interrupted or (stop_after is not None and session_steps >= stop_after):
+                        if self.step < config.steps:
+                            path = self.save()
+                            print(f"\nstopped at step {self.step}; checkpoint: {path}", flush=True)
+                            if interrupted:
+                                raise KeyboardInterrupt
+                            return {"stopped_at_step": self.step, "checkpoint": path}
+            except TrainingDiverged as error:
+                kept = ckpt.latest_checkpoint(config.run_dir)
+                raise TrainingDiverged(
+                    f"{error}; stopped. Last good checkpoint: {kept or 'none written yet'}"
+                ) from None
+            finally:
+                if progress is not None:
+                    progress.close()
+        self.evaluate()
+        self.save()
+        wall = self.wall_before + (time.perf_counter() - self.session_started)
+        records = self.log.read()
+        summary = summarise(records, wall)
+        write_json(os.path.join(config.run_dir, "summary.json"), summary)
+        plot_dynamics(records, os.path.join(config.run_dir, "dynamics.png"))
+        return summary
+
+
+class _StopRequest:
+    """While active, the first SIGINT only sets `requested` (the loop saves and stops at the
+    end of the step); a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _progress(config: TrainConfig, initial: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=initial, desc="OPD", unit="step")
+
+
+def train(config: TrainConfig | dict | None = None, *, resume: bool = False, teacher=None) -> dict:
+    """Run OPD training; returns the summary (also written to <run_dir>/summary.json).
+
+    config: a TrainConfig or a dict of its keys (unknown keys raise, listing the valid ones).
+    resume: continue from the run folder's latest checkpoint.
+    """
+    if not isinstance(config, TrainConfig):
+        config = make_config(config or {})
+    else:
+        config.validate()
+    return Trainer(config, teacher=teacher).run(resume=resume)
