@@ -18,6 +18,10 @@ REDUCTIONS = ("token_mean", "seq_mean_token_sum", "sum", "none")
 LOGITS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+class NonFiniteLogitsError(ValueError):
+    """Logits hold NaN or +inf, or a whole row is -inf (checked when check_values=True)."""
+
+
 @dataclass
 class OPDLossOutput:
     """loss: scalar (or per token for reduction='none'), differentiable w.r.t. student_logits.
@@ -120,7 +124,7 @@ def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult):
             rows = bad.nonzero()[:, 0]
             first = int(rows[0])
             problem = "every entry is -inf" if float(lse[first]) == float("-inf") else "NaN or +inf"
-            raise ValueError(
+            raise NonFiniteLogitsError(
                 f"{name}: {rows.numel()} valid row(s) with {problem} (first: flattened row "
                 f"{first}); -inf is allowed for masked vocabulary entries, NaN and +inf are not"
             )

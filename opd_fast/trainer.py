@@ -24,7 +24,7 @@ from opd_fast import checkpoint as ckpt
 from opd_fast.config import TOY, TrainConfig, make_config
 from opd_fast.data import Example, PromptSampler, load_examples, render_prompt
 from opd_fast.grading import is_correct
-from opd_fast.loss import opd_loss
+from opd_fast.loss import NonFiniteLogitsError, opd_loss
 from opd_fast.metrics import MetricsLog, StepMetrics, summarise, write_json
 from opd_fast.models import (
     check_tokenizers_match,
@@ -104,8 +104,14 @@ def lr_lambda(config: TrainConfig):
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, teacher: Teacher | None = None):
+    def __init__(self, config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_loss):
+        """teacher: use this Teacher instead of loading config.teacher; loss_fn: a function
+        with opd_fast.opd_loss's signature (tests swap in the reference)."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-shard load/save bars drown the step bar
         self.config = config
+        self.loss_fn = loss_fn
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         attention = resolve_attention(config.attn_implementation, self.device)
@@ -223,7 +229,7 @@ class Trainer:
         student_rows = student_logits[:, :-1, : self.vocab]
         teacher_rows = teacher_logits[:, :-1, : self.vocab].to(student_rows.dtype)
         mask = batch.response_mask[:, 1:]
-        output = opd_loss(
+        output = self.loss_fn(
             student_rows,
             teacher_rows,
             k=config.k,
@@ -257,7 +263,10 @@ class Trainer:
         loss_value = 0.0
         for start in range(0, sequences, config.micro_batch_size):
             micro = batch.select(start, min(start + config.micro_batch_size, sequences))
-            scaled, metrics = self.loss_on(micro, total_tokens, sequences, timers)
+            try:
+                scaled, metrics = self.loss_on(micro, total_tokens, sequences, timers)
+            except NonFiniteLogitsError as error:
+                raise TrainingDiverged(f"non-finite logits at step {self.step + 1}: {error}") from None
             if not torch.isfinite(scaled):
                 raise TrainingDiverged(f"loss is {float(scaled)} at step {self.step + 1}")
             scaled.backward()
