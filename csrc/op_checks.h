@@ -102,6 +102,48 @@ inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& tea
                      parsed_estimator, int(k), int(2 * k), acc_dtype};
 }
 
+// Checks of the sparse-teacher forward; returns the plan like plan_forward (teacher unset).
+inline ForwardPlan plan_forward_sparse(
+    const at::Tensor& student, const at::Tensor& student_topk_ids,
+    const at::Tensor& teacher_topk_ids, const at::Tensor& teacher_topk_log_probs,
+    const at::Tensor& teacher_log_probs_at_student, const at::Tensor& teacher_entropy,
+    const c10::optional<at::Tensor>& sampled_ids,
+    const c10::optional<at::Tensor>& teacher_sampled_log_probs,
+    const c10::optional<at::Tensor>& row_valid, int64_t k, const std::string& variant,
+    const std::string& estimator, double temperature) {
+  // The dense checks cover student, k, names, sampled_ids and row_valid.
+  ForwardPlan plan = plan_forward(student, student, sampled_ids, row_valid, k, variant,
+                                  estimator, temperature);
+  TORCH_CHECK(plan.variant != Variant::kFullVocab,
+              "opd_fast: variant 'full_vocab' needs the teacher's full logits, not a payload");
+  const int64_t rows = student.size(0);
+  for (const auto* ids : {&student_topk_ids, &teacher_topk_ids}) {
+    TORCH_CHECK(ids->dim() == 2 && ids->size(0) == rows && ids->size(1) == k &&
+                    ids->scalar_type() == at::kLong && ids->device() == student.device(),
+                "opd_fast: top-k id tensors must be (N, k) = (", rows, ", ", k, ") int64 on ",
+                student.device(), ", got ", ids->sizes(), " ", ids->scalar_type());
+  }
+  for (const auto* values : {&teacher_topk_log_probs, &teacher_log_probs_at_student}) {
+    TORCH_CHECK(values->sizes() == teacher_topk_ids.sizes() &&
+                    values->scalar_type() == plan.acc_dtype &&
+                    values->device() == student.device(),
+                "opd_fast: teacher log-prob tensors must be (N, k) ", plan.acc_dtype);
+  }
+  TORCH_CHECK(teacher_entropy.dim() == 1 && teacher_entropy.size(0) == rows &&
+                  teacher_entropy.scalar_type() == plan.acc_dtype &&
+                  teacher_entropy.device() == student.device(),
+              "opd_fast: teacher_entropy must be (N,) ", plan.acc_dtype);
+  TORCH_CHECK(sampled_ids.has_value() == teacher_sampled_log_probs.has_value(),
+              "opd_fast: sampled_ids and teacher_sampled_log_probs go together");
+  if (teacher_sampled_log_probs.has_value()) {
+    const auto& values = *teacher_sampled_log_probs;
+    TORCH_CHECK(values.dim() == 1 && values.size(0) == rows &&
+                    values.scalar_type() == plan.acc_dtype && values.device() == student.device(),
+                "opd_fast: teacher_sampled_log_probs must be (N,) ", plan.acc_dtype);
+  }
+  return plan;
+}
+
 inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& student,
                            const at::Tensor& teacher, const at::Tensor& student_lse,
                            const at::Tensor& grad_scale, const at::Tensor& sparse_id,

@@ -94,7 +94,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def load_checkpoint(path: str) -> Checkpoint:
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    return Checkpoint(step=int(state["step"]), model_dir=os.path.join(path, "model"), trainer_state=state)
+    return Checkpoint(
+        step=int(state["step"]), model_dir=os.path.join(path, "model"), trainer_state=state
+    )
 
 
 def load_weights(model: torch.nn.Module, model_dir: str) -> None:
@@ -109,5 +111,7 @@ def load_weights(model: torch.nn.Module, model_dir: str) -> None:
     # Tied output embeddings are saved once; anything else missing is a real problem.
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {model_dir} does not match the model: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {model_dir} does not match the model: missing {missing}, "
+            f"unexpected {unexpected}"
+        )

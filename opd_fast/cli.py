@@ -37,10 +37,16 @@ def print_summary(summary: dict, run_dir: str) -> None:
         ("teacher accuracy", summary.get("teacher_acc")),
         ("gap recovery", summary.get("gap_recovery")),
     ]
-    for name in ("overlap_ratio", "overlap_token_advantage", "entropy_gap",
-                 "overlap_mass_student", "student_topk_mass", "loss"):
-        rows.append((f"{name} first -> last",
-                     f"{_format(summary.get(name + '_first'))} -> {_format(summary.get(name + '_last'))}"))
+    for name in (
+        "overlap_ratio",
+        "overlap_token_advantage",
+        "entropy_gap",
+        "overlap_mass_student",
+        "student_topk_mass",
+        "loss",
+    ):
+        first, last = summary.get(f"{name}_first"), summary.get(f"{name}_last")
+        rows.append((f"{name} first -> last", f"{_format(first)} -> {_format(last)}"))
     rows.append(("wall seconds", summary.get("wall_seconds")))
     width = max(len(name) for name, _ in rows)
     print()
@@ -68,8 +74,11 @@ def _demo(args) -> int:
 
     started = time.perf_counter()
     config = recipe("toy_demo", parse_overrides(args.overrides))
-    print("opd-fast demo: building/loading the embedded toy world, then distilling the teacher "
-          "into the student on the student's own rollouts", flush=True)
+    print(
+        "opd-fast demo: building/loading the embedded toy world, then distilling the teacher "
+        "into the student on the student's own rollouts",
+        flush=True,
+    )
     summary = train(config, resume=args.resume)
     summary["demo_wall_seconds"] = time.perf_counter() - started
     print_summary(summary, config.run_dir)

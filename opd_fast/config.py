@@ -74,8 +74,15 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad value; returns self for chaining."""
         positive = (
-            "steps", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens",
-            "rollout_batch_size", "k", "micro_batch_size", "teacher_batch_size", "eval_samples",
+            "steps",
+            "prompts_per_step",
+            "rollouts_per_prompt",
+            "max_new_tokens",
+            "rollout_batch_size",
+            "k",
+            "micro_batch_size",
+            "teacher_batch_size",
+            "eval_samples",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -92,19 +99,24 @@ class TrainConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"config: variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"config: estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+            raise ValueError(
+                f"config: estimator must be one of {ESTIMATORS}, got {self.estimator!r}"
+            )
         if self.variant == "sampled_token" and self.estimator == "exact":
             raise ValueError("config: estimator 'exact' has no form for variant 'sampled_token'")
         if self.reduction not in ("token_mean", "seq_mean_token_sum"):
             raise ValueError(
-                f"config: reduction must be token_mean or seq_mean_token_sum, got {self.reduction!r}"
+                "config: reduction must be token_mean or seq_mean_token_sum, "
+                f"got {self.reduction!r}"
             )
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(
                 f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}"
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"config: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ValueError(
+                f"config: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
         for name in ("student", "teacher", "train_data", "eval_data"):
             value = getattr(self, name)
             if name == "teacher" and self.teacher_url:
@@ -147,7 +159,9 @@ def _coerce(name: str, raw: Any) -> Any:
     return raw
 
 
-def make_config(values: dict[str, Any] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+def make_config(
+    values: dict[str, Any] | None = None, base: TrainConfig | None = None
+) -> TrainConfig:
     """A validated TrainConfig from `base` (default: defaults) with `values` applied.
 
     Unknown keys raise ValueError listing the valid ones.
@@ -173,7 +187,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def load_config(
-    path: str | None = None, overrides: dict[str, Any] | None = None, base: TrainConfig | None = None
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: TrainConfig | None = None,
 ) -> TrainConfig:
     """Read a YAML or JSON file (a flat mapping of TrainConfig keys), then apply overrides."""
     values: dict[str, Any] = {}

@@ -51,7 +51,9 @@ def render_prompt(example: Example, template: str, tokenizer) -> str:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("prompt_template='chat' but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": example.prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
     try:
         return template.format(prompt=example.prompt)

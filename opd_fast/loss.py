@@ -12,6 +12,7 @@ import torch
 
 from opd_fast import ops
 from opd_fast._extension import require_extension
+from opd_fast.payload import TeacherPayload
 from opd_fast.reference import ESTIMATORS, TOKEN_METRIC_NAMES, VARIANTS, reduce_rows
 
 REDUCTIONS = ("token_mean", "seq_mean_token_sum", "sum", "none")
@@ -37,10 +38,48 @@ class OPDLossOutput:
     token_metrics: dict[str, torch.Tensor] | None = None
 
 
+def _check_payload(student_logits, payload: TeacherPayload, k, variant, sampled_ids):
+    if variant == "full_vocab":
+        raise ValueError("variant='full_vocab' needs the teacher's full logits, not a payload")
+    lead = tuple(student_logits.shape[:-1])
+    for name in ("topk_ids", "topk_log_probs", "requested_ids", "requested_log_probs"):
+        tensor = getattr(payload, name)
+        if tuple(tensor.shape) != lead + (k,):
+            raise ValueError(
+                f"teacher payload {name} must be {lead + (k,)} (the logits' leading dims by "
+                f"k={k}), got {tuple(tensor.shape)}"
+            )
+    if tuple(payload.entropy.shape) != lead:
+        raise ValueError(
+            f"teacher payload entropy must be {lead}, got {tuple(payload.entropy.shape)}"
+        )
+    if sampled_ids is not None and payload.sampled_log_probs is None:
+        raise ValueError("sampled_ids given but the teacher payload has no sampled_log_probs")
+    for name in ("topk_ids", "requested_ids"):
+        if getattr(payload, name).dtype != torch.int64:
+            raise TypeError(f"teacher payload {name} must be int64")
+    tensors = [
+        getattr(payload, n)
+        for n in ("topk_ids", "topk_log_probs", "requested_ids", "requested_log_probs", "entropy")
+    ]
+    if any(t.device != student_logits.device for t in tensors):
+        raise ValueError(f"teacher payload must be on {student_logits.device} like the logits")
+
+
 def _check_arguments(
-    student_logits, teacher_logits, k, variant, estimator, temperature, mask, sampled_ids,
+    student_logits,
+    teacher_logits,
+    k,
+    variant,
+    estimator,
+    temperature,
+    mask,
+    sampled_ids,
     reduction,
 ):
+    if isinstance(teacher_logits, TeacherPayload):
+        _check_payload(student_logits, teacher_logits, k, variant, sampled_ids)
+        teacher_logits = student_logits  # the remaining checks are the student's
     for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -103,13 +142,15 @@ def _check_arguments(
             )
         if tensor.device != student_logits.device:
             raise ValueError(f"{name} on {tensor.device} but logits on {student_logits.device}")
-    if sampled_ids is not None and (sampled_ids.dtype.is_floating_point or sampled_ids.dtype == torch.bool):
+    if sampled_ids is not None and (
+        sampled_ids.dtype.is_floating_point or sampled_ids.dtype == torch.bool
+    ):
         raise TypeError(f"sampled_ids must be an integer tensor, got {sampled_ids.dtype}")
     if reduction == "seq_mean_token_sum" and student_logits.dim() != 3:
         raise ValueError("reduction='seq_mean_token_sum' needs (B, T, V) logits")
 
 
-def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult):
+def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult, payload=None):
     """Host-side checks of values (one device sync); skipped under torch.compile."""
     if sampled_ids is not None:
         out_of_range = valid & ((sampled_ids < 0) | (sampled_ids >= vocab))
@@ -118,7 +159,31 @@ def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult):
             raise ValueError(
                 f"sampled_ids out of range [0, {vocab}): row {row} holds {int(sampled_ids[row])}"
             )
-    for name, lse in (("student_logits", result.student_lse), ("teacher_logits", result.teacher_lse)):
+    checked = [("student_logits", result.student_lse)]
+    if payload is not None:  # a payload: its NaNs reach the per-row loss and metrics
+        for name, ids in (("topk_ids", payload.topk_ids), ("requested_ids", payload.requested_ids)):
+            outside = (ids < 0) | (ids >= vocab)
+            if bool(outside.any()):
+                raise NonFiniteLogitsError(
+                    f"teacher payload {name}: {int(outside.sum())} id(s) outside [0, {vocab})"
+                )
+        rows = valid.shape[0]
+        floats = [
+            payload.topk_log_probs.reshape(rows, -1),
+            payload.requested_log_probs.reshape(rows, -1),
+            payload.entropy.reshape(rows, 1),
+        ]
+        if payload.sampled_log_probs is not None:
+            floats.append(payload.sampled_log_probs.reshape(rows, 1))
+        bad = valid & torch.cat([torch.isnan(t).any(dim=1, keepdim=True) for t in floats], 1).any(1)
+        if bool(bad.any()):
+            raise NonFiniteLogitsError(
+                f"teacher payload: NaN in {int(bad.sum())} valid row(s) (first: flattened row "
+                f"{int(bad.nonzero()[0, 0])})"
+            )
+    else:
+        checked.append(("teacher_logits", result.teacher_lse))
+    for name, lse in checked:
         bad = valid & ~torch.isfinite(lse)
         if bool(bad.any()):
             rows = bad.nonzero()[:, 0]
@@ -152,9 +217,36 @@ def _mean_metrics(metric_rows, valid, sampled_given):
     return means
 
 
+def _sparse_forward(student_rows, payload, flat_ids, row_valid, k, variant, estimator, temperature):
+    acc = torch.float64 if student_rows.dtype == torch.float64 else torch.float32
+    rows = student_rows.shape[0]
+
+    def per_row(tensor, dtype=acc):
+        return tensor.reshape(rows, k).to(dtype)
+
+    sampled_log_probs = None
+    if flat_ids is not None:
+        sampled_log_probs = payload.sampled_log_probs.reshape(rows).to(acc)
+    return ops.opd_forward_sparse(
+        student_rows,
+        per_row(payload.requested_ids, torch.int64),
+        per_row(payload.topk_ids, torch.int64),
+        per_row(payload.topk_log_probs),
+        per_row(payload.requested_log_probs),
+        payload.entropy.reshape(rows).to(acc),
+        flat_ids,
+        sampled_log_probs,
+        row_valid,
+        k,
+        variant,
+        estimator,
+        temperature,
+    )
+
+
 def opd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TeacherPayload,
     *,
     k: int = 16,
     variant: str = "student_topk",
@@ -169,7 +261,9 @@ def opd_loss(
     """Top-k reverse-KL OPD loss and its metrics, fused (one pass forward, one backward).
 
     student_logits, teacher_logits: (N, V) or (B, T, V), same dtype (fp32/bf16/fp16/fp64);
-      gradients flow to student_logits only and come back in its dtype.
+      gradients flow to student_logits only and come back in its dtype. teacher_logits may
+      instead be a TeacherPayload (a remote teacher's answer for the student's top-k ids, see
+      opd_fast.payload): same loss, gradient and metrics, every variant but full_vocab.
     mask: bool/0-1 tensor shaped like the leading dims; False tokens are skipped entirely.
     sampled_ids: int tensor shaped like the leading dims (the realised tokens y_t); needed
       for variant='sampled_token', and adds the sampled_token_kl metric.
@@ -180,33 +274,53 @@ def opd_loss(
       (costs one device sync; skipped inside torch.compile).
     """
     _check_arguments(
-        student_logits, teacher_logits, k, variant, estimator, temperature, mask, sampled_ids,
+        student_logits,
+        teacher_logits,
+        k,
+        variant,
+        estimator,
+        temperature,
+        mask,
+        sampled_ids,
         reduction,
     )
     require_extension(student_logits.device)
     batch_shape = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
     student_rows = student_logits.reshape(-1, vocab)
-    teacher_rows = teacher_logits.reshape(-1, vocab)
     rows = student_rows.shape[0]
+    sparse = isinstance(teacher_logits, TeacherPayload)
     valid = (
         torch.ones(rows, dtype=torch.bool, device=student_rows.device)
         if mask is None
         else mask.reshape(-1).bool()
     )
     flat_ids = None if sampled_ids is None else sampled_ids.reshape(-1).long()
-    result = ops.opd_forward(
-        student_rows,
-        teacher_rows,
-        flat_ids,
-        None if mask is None else valid,
-        k,
-        variant,
-        estimator,
-        float(temperature),
-    )
+    row_valid = None if mask is None else valid
+    if sparse:
+        result = _sparse_forward(
+            student_rows,
+            teacher_logits,
+            flat_ids,
+            row_valid,
+            k,
+            variant,
+            estimator,
+            float(temperature),
+        )
+    else:
+        result = ops.opd_forward(
+            student_rows,
+            teacher_logits.reshape(-1, vocab),
+            flat_ids,
+            row_valid,
+            k,
+            variant,
+            estimator,
+            float(temperature),
+        )
     if check_values and not torch.compiler.is_compiling():
-        _check_values(valid, flat_ids, vocab, result)
+        _check_values(valid, flat_ids, vocab, result, teacher_logits if sparse else None)
     loss = reduce_rows(result.loss, valid, reduction, batch_shape)
     metrics = _mean_metrics(result.metrics, valid, sampled_ids is not None)
     token_metrics = None
@@ -234,8 +348,14 @@ class OPDLoss(torch.nn.Module):
         self.k, self.variant, self.estimator = k, variant, estimator
         self.temperature, self.reduction = temperature, reduction
 
-    def forward(self, student_logits, teacher_logits, mask=None, sampled_ids=None,
-                return_token_metrics=False) -> OPDLossOutput:
+    def forward(
+        self,
+        student_logits,
+        teacher_logits,
+        mask=None,
+        sampled_ids=None,
+        return_token_metrics=False,
+    ) -> OPDLossOutput:
         return opd_loss(
             student_logits,
             teacher_logits,

@@ -108,8 +108,15 @@ def summarise(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
         ),
         "wall_seconds": wall_seconds,
     }
-    for name in ("overlap_ratio", "overlap_token_advantage", "entropy_gap",
-                 "overlap_mass_student", "overlap_mass_teacher", "student_topk_mass", "loss"):
+    for name in (
+        "overlap_ratio",
+        "overlap_token_advantage",
+        "entropy_gap",
+        "overlap_mass_student",
+        "overlap_mass_teacher",
+        "student_topk_mass",
+        "loss",
+    ):
         summary[f"{name}_first"] = train[0].get(name) if train else None
         summary[f"{name}_last"] = train[-1].get(name) if train else None
     return summary

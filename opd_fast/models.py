@@ -44,7 +44,9 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype, attention: str, trainable: bool):
+def load_model(
+    path: str, device: torch.device, dtype: torch.dtype, attention: str, trainable: bool
+):
     """A causal LM from a local directory (never a hub download)."""
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +83,9 @@ def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:
         return
     only_student = sorted(set(student_vocab) - set(teacher_vocab))[:5]
     only_teacher = sorted(set(teacher_vocab) - set(student_vocab))[:5]
-    remapped = [t for t in student_vocab if t in teacher_vocab and student_vocab[t] != teacher_vocab[t]]
+    remapped = [
+        t for t in student_vocab if t in teacher_vocab and student_vocab[t] != teacher_vocab[t]
+    ]
     raise ValueError(
         "student and teacher tokenizers differ: "
         f"{len(student_vocab)} vs {len(teacher_vocab)} tokens; only in student: {only_student}; "

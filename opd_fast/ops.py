@@ -50,12 +50,56 @@ def opd_forward(
     return ForwardResult(*outputs)
 
 
+class RowTopk(NamedTuple):
+    ids: torch.Tensor  # (N, k) int64, by (value desc, id asc)
+    log_probs: torch.Tensor  # (N, k) log softmax(logits / tau) at ids
+    lse: torch.Tensor  # (N,) log sum exp(logits / tau)
+    entropy: torch.Tensor  # (N,)
+
+
+def row_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> RowTopk:
+    """Exact top-k of each row of logits (N, V) (ties -> lower id), ranked on the raw values,
+    with log-probs at temperature tau, log-partition and entropy, in one streaming pass."""
+    return RowTopk(*torch.ops.opd_fast.row_topk(logits, k, float(temperature)))
+
+
+def opd_forward_sparse(
+    student_logits: torch.Tensor,
+    student_topk_ids: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    teacher_log_probs_at_student: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    sampled_ids: torch.Tensor | None,
+    teacher_sampled_log_probs: torch.Tensor | None,
+    row_valid: torch.Tensor | None,
+    k: int,
+    variant: str,
+    estimator: str,
+    temperature: float,
+) -> ForwardResult:
+    """opd_forward with the teacher as a payload (N, k) arrays instead of (N, V) logits."""
+    outputs = torch.ops.opd_fast.opd_forward_sparse(
+        student_logits,
+        student_topk_ids,
+        teacher_topk_ids,
+        teacher_topk_log_probs,
+        teacher_log_probs_at_student,
+        teacher_entropy,
+        sampled_ids,
+        teacher_sampled_log_probs,
+        row_valid,
+        k,
+        variant,
+        estimator,
+        temperature,
+    )
+    return ForwardResult(*outputs)
+
+
 if extension_available():
 
-    @torch.library.register_fake("opd_fast::opd_forward")
-    def _opd_forward_fake(
-        student_logits, teacher_logits, sampled_ids, row_valid, k, variant, estimator, temperature
-    ):
+    def _forward_outputs_fake(student_logits, k):
         rows = student_logits.shape[0]
         acc = _accumulation_dtype(student_logits.dtype)
         new = student_logits.new_empty
@@ -67,6 +111,27 @@ if extension_available():
             new((rows,), dtype=acc),
             new((rows, 2 * k), dtype=torch.int64),
             new((rows, 2 * k), dtype=acc),
+        )
+
+    @torch.library.register_fake("opd_fast::opd_forward")
+    def _opd_forward_fake(
+        student_logits, teacher_logits, sampled_ids, row_valid, k, variant, estimator, temperature
+    ):
+        return _forward_outputs_fake(student_logits, k)
+
+    @torch.library.register_fake("opd_fast::opd_forward_sparse")
+    def _opd_forward_sparse_fake(student_logits, *payload_and_settings):
+        k = payload_and_settings[-4]
+        return _forward_outputs_fake(student_logits, k)
+
+    @torch.library.register_fake("opd_fast::row_topk")
+    def _row_topk_fake(logits, k, temperature):
+        rows, acc = logits.shape[0], _accumulation_dtype(logits.dtype)
+        return (
+            logits.new_empty((rows, k), dtype=torch.int64),
+            logits.new_empty((rows, k), dtype=acc),
+            logits.new_empty((rows,), dtype=acc),
+            logits.new_empty((rows,), dtype=acc),
         )
 
     @torch.library.register_fake("opd_fast::opd_backward")
@@ -116,4 +181,25 @@ if extension_available():
 
     torch.library.register_autograd(
         "opd_fast::opd_forward", _backward, setup_context=_setup_context
+    )
+
+    def _setup_context_sparse(ctx, inputs, output):
+        student_logits, temperature = inputs[0], inputs[-1]
+        _, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef = output
+        # The backward never reads the teacher for non-full_vocab variants: pass the student.
+        ctx.save_for_backward(
+            student_logits, student_logits, student_lse, grad_scale, sparse_id, sparse_coef
+        )
+        ctx.temperature = temperature
+        ctx.full_vocab = False
+        ctx.mark_non_differentiable(
+            metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef
+        )
+
+    def _backward_sparse(ctx, grad_loss, *unused_grads):
+        grads = _backward(ctx, grad_loss)
+        return (grads[0],) + (None,) * 12
+
+    torch.library.register_autograd(
+        "opd_fast::opd_forward_sparse", _backward_sparse, setup_context=_setup_context_sparse
     )

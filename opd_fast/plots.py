@@ -30,8 +30,9 @@ def plot_dynamics(records: list[dict[str, Any]], path: str, title: str = "OPD dy
                 steps, values = zip(*points)
                 axis.plot(steps, values, marker="o" if len(points) < 30 else None, label=key)
         if label == "student accuracy" and evals and evals[0].get("teacher_accuracy") is not None:
-            axis.axhline(evals[0]["teacher_accuracy"], color="gray", linestyle="--",
-                         label="teacher")
+            axis.axhline(
+                evals[0]["teacher_accuracy"], color="gray", linestyle="--", label="teacher"
+            )
         axis.set_title(label)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

@@ -101,8 +101,10 @@ def _pg_loss_rows(variant, in_set, log_p, log_q):
         advantage = torch.where(in_set, log_q - log_p.detach(), torch.zeros_like(log_q))
     else:
         if variant in _RENORMALISED_PG_VARIANTS:
-            set_mass = (p * in_set).sum(dim=-1, keepdim=True)
-            weight = torch.where(set_mass > 0, p * in_set / set_mass.clamp_min(1e-300), 0.0)
+            # p / sum_A p in log space: the mass of A underflows in fp32 for a confident model.
+            log_set_mass = _masked_log_sum(log_p.detach(), in_set).unsqueeze(-1)
+            renormalised = (log_p.detach() - log_set_mass).exp()
+            weight = torch.where(in_set & torch.isfinite(log_set_mass), renormalised, 0.0)
         else:  # nonoverlap_topk and full_vocab use raw probabilities
             weight = p * in_set
         advantage = _weighted_log_ratio(weight, log_q, log_p.detach())

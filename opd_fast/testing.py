@@ -67,8 +67,12 @@ def write_prompts(path: str, count: int = 16, seed: int = 0) -> str:
         for _ in range(count):
             entity, operand = torch.randint(0, 50, (2,), generator=generator).tolist()
             operand %= 10
-            handle.write(json.dumps({"prompt": f"what is e{entity:03d} plus {operand} ?",
-                                     "answer": str(operand)}) + "\n")
+            handle.write(
+                json.dumps(
+                    {"prompt": f"what is e{entity:03d} plus {operand} ?", "answer": str(operand)}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -76,11 +80,16 @@ def tiny_setup(folder: str, family: str = "qwen3", teacher_vocab_padding: int = 
     """Student + teacher dirs and prompt files under `folder`, as TrainConfig keys."""
     os.makedirs(folder, exist_ok=True)
     tokenizer = tiny_tokenizer()
-    student = save_tiny_model(os.path.join(folder, "student"), family=family, seed=1,
-                              tokenizer=tokenizer)
+    student = save_tiny_model(
+        os.path.join(folder, "student"), family=family, seed=1, tokenizer=tokenizer
+    )
     teacher = save_tiny_model(
-        os.path.join(folder, "teacher"), family=family, seed=2, hidden_size=48,
-        vocab_size=len(tokenizer) + teacher_vocab_padding, tokenizer=tokenizer,
+        os.path.join(folder, "teacher"),
+        family=family,
+        seed=2,
+        hidden_size=48,
+        vocab_size=len(tokenizer) + teacher_vocab_padding,
+        tokenizer=tokenizer,
     )
     prompts = write_prompts(os.path.join(folder, "prompts.jsonl"))
     return {"student": student, "teacher": teacher, "train_data": prompts, "eval_data": prompts}

@@ -34,7 +34,6 @@ from opd_fast.models import (
     resolve_attention,
     resolve_device,
     resolve_dtype,
-    shared_vocab_size,
 )
 from opd_fast.plots import plot_dynamics
 from opd_fast.rollout import RolloutBatch, generate
@@ -130,7 +129,9 @@ class Trainer:
             self.teacher.check_tokenizer(self.tokenizer)
         else:
             check_tokenizers_match(self.tokenizer, load_tokenizer(self.paths.teacher))
-            teacher_model = load_model(self.paths.teacher, self.device, self.dtype, attention, False)
+            teacher_model = load_model(
+                self.paths.teacher, self.device, self.dtype, attention, False
+            )
             self.teacher = LocalTeacher(teacher_model, config.teacher_batch_size)
         self.vocab = self._shared_vocab()
         if config.k > self.vocab:
@@ -217,7 +218,9 @@ class Trainer:
         token_mean (or seq_mean_token_sum); returns (scaled loss, opd_loss metrics)."""
         config = self.config
         started = time.perf_counter()
-        teacher_logits = self.teacher.logits(batch.input_ids, batch.attention_mask, batch.position_ids)
+        teacher_logits = self.teacher.logits(
+            batch.input_ids, batch.attention_mask, batch.position_ids
+        )
         timers["teacher"] += time.perf_counter() - started
         student_logits = self.student(
             input_ids=batch.input_ids,
@@ -266,13 +269,17 @@ class Trainer:
             try:
                 scaled, metrics = self.loss_on(micro, total_tokens, sequences, timers)
             except NonFiniteLogitsError as error:
-                raise TrainingDiverged(f"non-finite logits at step {self.step + 1}: {error}") from None
+                raise TrainingDiverged(
+                    f"non-finite logits at step {self.step + 1}: {error}"
+                ) from None
             if not torch.isfinite(scaled):
                 raise TrainingDiverged(f"loss is {float(scaled)} at step {self.step + 1}")
             scaled.backward()
             loss_value += float(scaled.detach())
             step_metrics.add(metrics)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip))
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
+        )
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
         lr = self.scheduler.get_last_lr()[0]
@@ -310,7 +317,9 @@ class Trainer:
             "config": self.config.to_dict(),
             "wall_seconds": self.wall_before + (time.perf_counter() - self.session_started),
         }
-        return ckpt.save_checkpoint(self.config.run_dir, self.step, self.student, self.tokenizer, state)
+        return ckpt.save_checkpoint(
+            self.config.run_dir, self.step, self.student, self.tokenizer, state
+        )
 
     def restore(self) -> bool:
         """Resume from the run folder's latest checkpoint; False if there is none."""
@@ -353,7 +362,11 @@ class Trainer:
                 while self.step < config.steps:
                     record = self.train_step()
                     session_steps += 1
-                    if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                    if (
+                        config.eval_every
+                        and self.step % config.eval_every == 0
+                        and self.step < config.steps
+                    ):
                         record["student_accuracy"] = self.evaluate()["student_accuracy"]
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         self.save()
@@ -403,8 +416,10 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-              flush=True)
+        print(
+            "\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         if self._previous is not None:

@@ -53,8 +53,15 @@ def test_end_to_end_writes_run_folder(tmp_path, family):
     summary = train(dict(**paths, **TINY_RUN, run_dir=run_dir))
     for name in ("metrics.jsonl", "summary.json", "dynamics.png", "config.json"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0
-    for key in ("student_acc_before", "student_acc_after", "teacher_acc", "gap_recovery",
-                "overlap_ratio_first", "overlap_ratio_last", "wall_seconds"):
+    for key in (
+        "student_acc_before",
+        "student_acc_after",
+        "teacher_acc",
+        "gap_recovery",
+        "overlap_ratio_first",
+        "overlap_ratio_last",
+        "wall_seconds",
+    ):
         assert key in summary
     records = _records(run_dir)
     train_rows = [r for r in records if r["kind"] == "train"]
@@ -63,11 +70,16 @@ def test_end_to_end_writes_run_folder(tmp_path, family):
         assert all(r[name] is not None for r in train_rows), name
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         first = json.loads(handle.readlines()[1])
-    for name in ("rollout_tokens_per_s", "teacher_tokens_per_s", "train_tokens_per_s",
-                 "peak_memory_mib"):
+    for name in (
+        "rollout_tokens_per_s",
+        "teacher_tokens_per_s",
+        "train_tokens_per_s",
+        "peak_memory_mib",
+    ):
         assert first[name] > 0
-    assert os.path.exists(os.path.join(run_dir, "checkpoints", "step_000004", "model",
-                                       "model.safetensors"))
+    assert os.path.exists(
+        os.path.join(run_dir, "checkpoints", "step_000004", "model", "model.safetensors")
+    )
 
 
 def test_training_moves_the_student_towards_the_teacher(tmp_path, tiny):
@@ -95,12 +107,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny):
     assert _records(full_dir) == _records(resumed_dir)
 
 
-def _reference_loss(student_logits, teacher_logits, *, mask=None, sampled_ids=None,
-                    reduction="token_mean", **settings):
+def _reference_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    mask=None,
+    sampled_ids=None,
+    reduction="token_mean",
+    **settings,
+):
     """opd_fast.reference wrapped in opd_loss's signature and output."""
     loss, token_metrics, valid = reference.opd_loss(
-        student_logits, teacher_logits, mask=mask, sampled_ids=sampled_ids,
-        reduction=reduction, **settings,
+        student_logits,
+        teacher_logits,
+        mask=mask,
+        sampled_ids=sampled_ids,
+        reduction=reduction,
+        **settings,
     )
     names = reference.TOKEN_METRIC_NAMES
     rows = torch.stack([token_metrics[n] for n in names], dim=1)
@@ -111,16 +134,29 @@ def _reference_loss(student_logits, teacher_logits, *, mask=None, sampled_ids=No
 def test_convergence_fused_matches_reference(tmp_path, tiny, variant):
     """Liger-style: a few training steps with the fused op and with the reference give the
     same losses and metrics within tolerance."""
-    run = {**tiny, **TINY_RUN, "variant": variant, "eval_every": 0, "checkpoint_every": 0,
-           "steps": 3}
+    run = {
+        **tiny,
+        **TINY_RUN,
+        "variant": variant,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "steps": 3,
+    }
     fused_dir, reference_dir = str(tmp_path / "fused"), str(tmp_path / "reference")
     Trainer(make_config(dict(run, run_dir=fused_dir))).run()
     Trainer(make_config(dict(run, run_dir=reference_dir)), loss_fn=_reference_loss).run()
     fused = [r for r in _records(fused_dir) if r["kind"] == "train"]
     expected = [r for r in _records(reference_dir) if r["kind"] == "train"]
     for got, want in zip(fused, expected):
-        for name in ("loss", "overlap_ratio", "entropy_student", "entropy_teacher",
-                     "overlap_mass_student", "sampled_token_kl", "grad_norm"):
+        for name in (
+            "loss",
+            "overlap_ratio",
+            "entropy_student",
+            "entropy_teacher",
+            "overlap_mass_student",
+            "sampled_token_kl",
+            "grad_norm",
+        ):
             assert got[name] == pytest.approx(want[name], rel=2e-3, abs=1e-5), name
 
 
@@ -150,7 +186,12 @@ def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("k: 8\nlr: 1e-5\nvariant: overlap_topk\n")
     config = load_config(str(path), {"k": "4", "progress": "false"})
-    assert (config.k, config.lr, config.variant, config.progress) == (4, 1e-5, "overlap_topk", False)
+    assert (config.k, config.lr, config.variant, config.progress) == (
+        4,
+        1e-5,
+        "overlap_topk",
+        False,
+    )
     with pytest.raises(ValueError, match="k expects int"):
         load_config(str(path), {"k": "four"})
 
@@ -174,8 +215,13 @@ def test_mismatched_tokenizers_are_an_error(tmp_path, tiny):
     words = ["<pad>", "<unk>", "<bos>", "<eos>"] + [f"x{i}" for i in range(600)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
-                                    pad_token="<pad>", unk_token="<unk>")
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     teacher = save_tiny_model(str(tmp_path / "other"), tokenizer=other, vocab_size=len(words))
     config = make_config(dict(**{**tiny, "teacher": teacher}, **TINY_RUN, run_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="tokenizers differ"):
@@ -211,8 +257,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny):
     run_dir = str(tmp_path / "run")
-    config = {**tiny, **TINY_RUN, "steps": 400, "checkpoint_every": 0, "eval_every": 0,
-              "run_dir": run_dir}
+    config = {
+        **tiny,
+        **TINY_RUN,
+        "steps": 400,
+        "checkpoint_every": 0,
+        "eval_every": 0,
+        "run_dir": run_dir,
+    }
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config))
     command = [sys.executable, "-m", "opd_fast.cli", "train", "--config", str(config_path)]
@@ -229,7 +281,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny):
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{saved_steps[-1]:06d}"))
     resumed = subprocess.run(
         command + ["--resume", "--set", f"steps={saved_steps[-1] + 2}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
     steps = [r["step"] for r in _records(run_dir) if r["kind"] == "train"]
@@ -239,7 +293,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny):
 def test_cli_reports_bad_config_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "opd_fast.cli", "train", "--set", "nonsense=1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "unknown key" in result.stderr and "Traceback" not in result.stderr

@@ -39,11 +39,40 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The seven outputs of opd_forward / opd_forward_sparse.
+struct ForwardOutputTensors {
+  at::Tensor loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef;
+
+  ForwardOutputTensors(int64_t rows, const ForwardPlan& plan) {
+    const auto options = plan.student.options().dtype(plan.acc_dtype);
+    loss = at::empty({rows}, options);
+    metrics = at::empty({rows, kNumMetrics}, options);
+    student_lse = at::empty({rows}, options);
+    teacher_lse = at::empty({rows}, options);
+    grad_scale = at::empty({rows}, options);
+    sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
+    sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  }
+
+  cpu::ForwardOutputs pointers() {
+    return cpu::ForwardOutputs{int(sparse_id.size(1)), loss.data_ptr(), metrics.data_ptr(),
+                               student_lse.data_ptr(), teacher_lse.data_ptr(),
+                               grad_scale.data_ptr(), sparse_id.data_ptr<int64_t>(),
+                               sparse_coef.data_ptr()};
+  }
+
+  ForwardResult as_tuple() const {
+    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  }
+};
+
 // Rows are ~V exps each; a grain of a few rows keeps threads busy without much overhead.
 constexpr int64_t kRowGrain = 4;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+ForwardResult opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                 const c10::optional<at::Tensor>& sampled_ids,
                 const c10::optional<at::Tensor>& row_valid, int64_t k, c10::string_view variant,
                 c10::string_view estimator, double temperature) {
@@ -51,14 +80,7 @@ opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
       plan_forward(student_logits, teacher_logits, sampled_ids, row_valid, k,
                    std::string(variant), std::string(estimator), temperature);
   const int64_t rows = plan.student.size(0);
-  const auto options = plan.student.options().dtype(plan.acc_dtype);
-  at::Tensor loss = at::empty({rows}, options);
-  at::Tensor metrics = at::empty({rows, kNumMetrics}, options);
-  at::Tensor student_lse = at::empty({rows}, options);
-  at::Tensor teacher_lse = at::empty({rows}, options);
-  at::Tensor grad_scale = at::empty({rows}, options);
-  at::Tensor sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
-  at::Tensor sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  ForwardOutputTensors outputs(rows, plan);
   at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
   at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
 
@@ -75,18 +97,11 @@ opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
   args.variant = plan.variant;
   args.estimator = plan.estimator;
   args.temperature = temperature;
-  args.sparse_width = plan.sparse_width;
-  args.loss = loss.data_ptr();
-  args.metrics = metrics.data_ptr();
-  args.student_lse = student_lse.data_ptr();
-  args.teacher_lse = teacher_lse.data_ptr();
-  args.grad_scale = grad_scale.data_ptr();
-  args.sparse_id = sparse_id.data_ptr<int64_t>();
-  args.sparse_coef = sparse_coef.data_ptr();
+  args.out = outputs.pointers();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::forward_rows(args, begin, end);
   });
-  return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  return outputs.as_tuple();
 }
 
 at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
@@ -128,11 +143,95 @@ at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
   return grad_student;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_topk_cpu(const at::Tensor& logits,
+                                                                        int64_t k,
+                                                                        double temperature) {
+  TORCH_CHECK(logits.dim() == 2, "opd_fast: logits must be (N, V), got ", logits.sizes());
+  check_logits_dtype(logits, "logits");
+  TORCH_CHECK(k >= 1 && k <= logits.size(1) && k <= kMaxK, "opd_fast: k must be in [1, min(V, ",
+              kMaxK, ")], got k=", k, " with V=", logits.size(1));
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "opd_fast: temperature must be positive and finite, got ", temperature);
+  const at::Tensor rows_in = rows_contiguous(logits);
+  const int64_t rows = rows_in.size(0);
+  const auto acc = rows_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = rows_in.options().dtype(acc);
+  at::Tensor ids = at::empty({rows, k}, options.dtype(at::kLong));
+  at::Tensor log_probs = at::empty({rows, k}, options);
+  at::Tensor lse = at::empty({rows}, options);
+  at::Tensor entropy = at::empty({rows}, options);
+  cpu::TopkArgs args{};
+  args.dtype = element_type(rows_in.scalar_type());
+  args.logits = rows_in.data_ptr();
+  args.row_stride = rows_in.stride(0);
+  args.vocab = rows_in.size(1);
+  args.k = int(k);
+  args.temperature = temperature;
+  args.ids = ids.data_ptr<int64_t>();
+  args.log_probs = log_probs.data_ptr();
+  args.lse = lse.data_ptr();
+  args.entropy = entropy.data_ptr();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    cpu::topk_rows(args, begin, end);
+  });
+  return {ids, log_probs, lse, entropy};
+}
+
+ForwardResult opd_forward_sparse_cpu(
+    const at::Tensor& student_logits, const at::Tensor& student_topk_ids,
+    const at::Tensor& teacher_topk_ids, const at::Tensor& teacher_topk_log_probs,
+    const at::Tensor& teacher_log_probs_at_student, const at::Tensor& teacher_entropy,
+    const c10::optional<at::Tensor>& sampled_ids,
+    const c10::optional<at::Tensor>& teacher_sampled_log_probs,
+    const c10::optional<at::Tensor>& row_valid, int64_t k, c10::string_view variant,
+    c10::string_view estimator, double temperature) {
+  const ForwardPlan plan = plan_forward_sparse(
+      student_logits, student_topk_ids, teacher_topk_ids, teacher_topk_log_probs,
+      teacher_log_probs_at_student, teacher_entropy, sampled_ids, teacher_sampled_log_probs,
+      row_valid, k, std::string(variant), std::string(estimator), temperature);
+  const int64_t rows = plan.student.size(0);
+  ForwardOutputTensors outputs(rows, plan);
+  const at::Tensor student_ids = student_topk_ids.contiguous();
+  const at::Tensor teacher_ids = teacher_topk_ids.contiguous();
+  const at::Tensor teacher_log_q = teacher_topk_log_probs.contiguous();
+  const at::Tensor student_log_q = teacher_log_probs_at_student.contiguous();
+  const at::Tensor entropy = teacher_entropy.contiguous();
+  const at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
+  const at::Tensor sampled_log_q =
+      teacher_sampled_log_probs.has_value() ? teacher_sampled_log_probs->contiguous() : at::Tensor();
+  const at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
+
+  cpu::SparseForwardArgs args{};
+  args.dtype = element_type(plan.student.scalar_type());
+  args.student = plan.student.data_ptr();
+  args.student_row_stride = plan.student.stride(0);
+  args.vocab = plan.student.size(1);
+  args.student_topk_ids = student_ids.data_ptr<int64_t>();
+  args.teacher_topk_ids = teacher_ids.data_ptr<int64_t>();
+  args.teacher_topk_log_probs = teacher_log_q.data_ptr();
+  args.teacher_log_probs_at_student = student_log_q.data_ptr();
+  args.teacher_entropy = entropy.data_ptr();
+  args.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  args.teacher_sampled_log_probs = sampled_log_q.defined() ? sampled_log_q.data_ptr() : nullptr;
+  args.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  args.k = plan.k;
+  args.variant = plan.variant;
+  args.estimator = plan.estimator;
+  args.temperature = temperature;
+  args.out = outputs.pointers();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    cpu::sparse_forward_rows(args, begin, end);
+  });
+  return outputs.as_tuple();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opd_fast, CPU, m) {
   m.impl("opd_forward", &opd_forward_cpu);
   m.impl("opd_backward", &opd_backward_cpu);
+  m.impl("row_topk", &row_topk_cpu);
+  m.impl("opd_forward_sparse", &opd_forward_sparse_cpu);
 }
 
 }  // namespace opd_fast

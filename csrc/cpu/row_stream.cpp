@@ -65,6 +65,22 @@ void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end)
   baseline::backward_dispatch(args, row_begin, row_end);
 }
 
+void topk_rows(const TopkArgs& args, int64_t row_begin, int64_t row_end) {
+#ifdef OPD_FAST_MULTI_ISA
+  if (kIsa == Isa::kAvx512) return avx512::topk_dispatch(args, row_begin, row_end);
+  if (kIsa == Isa::kAvx2) return avx2::topk_dispatch(args, row_begin, row_end);
+#endif
+  baseline::topk_dispatch(args, row_begin, row_end);
+}
+
+void sparse_forward_rows(const SparseForwardArgs& args, int64_t row_begin, int64_t row_end) {
+#ifdef OPD_FAST_MULTI_ISA
+  if (kIsa == Isa::kAvx512) return avx512::sparse_forward_dispatch(args, row_begin, row_end);
+  if (kIsa == Isa::kAvx2) return avx2::sparse_forward_dispatch(args, row_begin, row_end);
+#endif
+  baseline::sparse_forward_dispatch(args, row_begin, row_end);
+}
+
 const char* instruction_set() {
   switch (kIsa) {
     case Isa::kAvx512: return "avx512";

@@ -18,6 +18,17 @@ struct FP16 {
 };
 
 // Outputs are of the accumulation type: float64 for float64 inputs, float32 otherwise.
+struct ForwardOutputs {
+  int sparse_width;    // columns of sparse_id / sparse_coef (2k)
+  void* loss;          // (N,)
+  void* metrics;       // (N, kNumMetrics)
+  void* student_lse;   // (N,)
+  void* teacher_lse;   // (N,) (0 in the sparse-teacher form)
+  void* grad_scale;    // (N,)  C
+  int64_t* sparse_id;  // (N, sparse_width), -1 = unused
+  void* sparse_coef;   // (N, sparse_width)
+};
+
 struct ForwardArgs {
   ElementType dtype;
   const void* student;  // (N, V), unit stride along V
@@ -26,19 +37,46 @@ struct ForwardArgs {
   int64_t teacher_row_stride;
   int64_t vocab;
   const int64_t* sampled_ids;  // (N,) or nullptr
-  const bool* row_valid;       // (N,) or nullptr: rows to skip write zeros
+  const bool* row_valid;       // (N,) or nullptr: skipped rows write zeros
   int k;
   Variant variant;
   Estimator estimator;
   double temperature;
-  int sparse_width;  // columns of sparse_id / sparse_coef (2k)
-  void* loss;         // (N,)
-  void* metrics;      // (N, kNumMetrics)
-  void* student_lse;  // (N,)
-  void* teacher_lse;  // (N,)
-  void* grad_scale;   // (N,)  C
-  int64_t* sparse_id; // (N, sparse_width), -1 = unused
-  void* sparse_coef;  // (N, sparse_width)
+  ForwardOutputs out;
+};
+
+// The teacher as a payload (spec section 6); arrays of the accumulation type.
+struct SparseForwardArgs {
+  ElementType dtype;
+  const void* student;  // (N, V)
+  int64_t student_row_stride;
+  int64_t vocab;
+  const int64_t* student_topk_ids;          // (N, k): the ids the teacher was asked about
+  const int64_t* teacher_topk_ids;          // (N, k)
+  const void* teacher_topk_log_probs;       // (N, k)
+  const void* teacher_log_probs_at_student; // (N, k), at student_topk_ids
+  const void* teacher_entropy;              // (N,)
+  const int64_t* sampled_ids;               // (N,) or nullptr
+  const void* teacher_sampled_log_probs;    // (N,), given with sampled_ids
+  const bool* row_valid;
+  int k;
+  Variant variant;
+  Estimator estimator;
+  double temperature;
+  ForwardOutputs out;
+};
+
+struct TopkArgs {
+  ElementType dtype;
+  const void* logits;  // (N, V)
+  int64_t row_stride;
+  int64_t vocab;
+  int k;
+  double temperature;
+  int64_t* ids;     // (N, k), by (value desc, id asc)
+  void* log_probs;  // (N, k) log softmax(logits / tau) at ids
+  void* lse;        // (N,)
+  void* entropy;    // (N,)
 };
 
 struct BackwardArgs {
@@ -62,6 +100,8 @@ struct BackwardArgs {
 // Process rows [row_begin, row_end) with the widest instruction set this CPU has.
 void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end);
 void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end);
+void topk_rows(const TopkArgs& args, int64_t row_begin, int64_t row_end);
+void sparse_forward_rows(const SparseForwardArgs& args, int64_t row_begin, int64_t row_end);
 
 // "avx512", "avx2" or "baseline": what forward_rows / backward_rows run on this CPU.
 const char* instruction_set();

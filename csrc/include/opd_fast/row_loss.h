@@ -77,6 +77,44 @@ struct Candidates {
   const bool* in_teacher;  // in S_q
 };
 
+// Fills the candidate arrays (room for 2k) with the union of the student's top-k ids (with
+// log p and log q at each) and the teacher's (likewise), each id once; returns the count.
+template <typename acc_t>
+OPD_HOST_DEVICE int union_candidates(int k, const int64_t* student_ids, const acc_t* student_log_p,
+                                     const acc_t* student_log_q, const int64_t* teacher_ids,
+                                     const acc_t* teacher_log_p, const acc_t* teacher_log_q,
+                                     int64_t* id, acc_t* log_p, acc_t* log_q, bool* in_student,
+                                     bool* in_teacher) {
+  for (int i = 0; i < k; ++i) {
+    id[i] = student_ids[i];
+    log_p[i] = student_log_p[i];
+    log_q[i] = student_log_q[i];
+    in_student[i] = true;
+    in_teacher[i] = false;
+  }
+  int count = k;
+  for (int i = 0; i < k; ++i) {
+    int match = -1;
+    for (int j = 0; j < k; ++j) {
+      if (id[j] == teacher_ids[i]) {
+        match = j;
+        break;
+      }
+    }
+    if (match >= 0) {
+      in_teacher[match] = true;
+      continue;
+    }
+    id[count] = teacher_ids[i];
+    log_p[count] = teacher_log_p[i];
+    log_q[count] = teacher_log_q[i];
+    in_student[count] = false;
+    in_teacher[count] = true;
+    ++count;
+  }
+  return count;
+}
+
 // What the row contributes to the loss and to the backward pass.
 template <typename acc_t>
 struct RowResult {
@@ -107,6 +145,29 @@ OPD_HOST_DEVICE bool in_loss_set(Variant variant, bool in_student, bool in_teach
   }
 }
 
+// log sum_{i in set} exp(log_values[i]) over the candidates in `set`'s loss set, shifted by
+// the set's max so that it cannot underflow: a mass summed in probability space is 0 in fp32
+// once every log-probability in the set is below about -104 (a confident model), which made
+// renormalised quantities -inf. -inf for an empty set (or one with zero mass).
+template <typename acc_t>
+OPD_HOST_DEVICE acc_t log_set_mass(Variant set, const Candidates<acc_t>& cand,
+                                   const acc_t* log_values) {
+  acc_t max_value = -INFINITY;
+  for (int i = 0; i < cand.count; ++i) {
+    if (in_loss_set(set, cand.in_student[i], cand.in_teacher[i]) && log_values[i] > max_value) {
+      max_value = log_values[i];
+    }
+  }
+  if (max_value == -INFINITY) return max_value;
+  acc_t sum = 0;
+  for (int i = 0; i < cand.count; ++i) {
+    if (in_loss_set(set, cand.in_student[i], cand.in_teacher[i])) {
+      sum += safe_exp(log_values[i] - max_value);
+    }
+  }
+  return max_value + log(sum);
+}
+
 // Fills metrics[kNumMetrics] for one row (spec section 4).
 template <typename acc_t>
 OPD_HOST_DEVICE void row_metrics(const RowStats<acc_t>& stats, const Candidates<acc_t>& cand,
@@ -127,12 +188,13 @@ OPD_HOST_DEVICE void row_metrics(const RowStats<acc_t>& stats, const Candidates<
   // Mean over O of ptil * (log qtil - log ptil), with ptil, qtil renormalised over O.
   acc_t overlap_advantage = NAN;
   if (overlap_count > 0) {
-    const acc_t log_zp = log(overlap_mass_p), log_zq = log(overlap_mass_q);
+    const acc_t log_zp = log_set_mass(Variant::kOverlapTopk, cand, cand.log_p);
+    const acc_t log_zq = log_set_mass(Variant::kOverlapTopk, cand, cand.log_q);
     acc_t total = 0;
     for (int i = 0; i < cand.count; ++i) {
       if (!(cand.in_student[i] && cand.in_teacher[i])) continue;
       const acc_t log_p_til = cand.log_p[i] - log_zp;
-      const acc_t p_til = overlap_mass_p > acc_t(0) ? safe_exp(log_p_til) : acc_t(0);
+      const acc_t p_til = log_zp > acc_t(-INFINITY) ? safe_exp(log_p_til) : acc_t(0);
       total += weighted_log_ratio(p_til, cand.log_q[i] - log_zq, log_p_til);
     }
     overlap_advantage = total / acc_t(overlap_count);
@@ -173,13 +235,9 @@ OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,
     result.sparse_count = 1;
     return result;
   }
-  // Set masses (for renormalisation), in probability space: log p <= 0 so no overflow.
-  acc_t mass_p = 0, mass_q = 0;
-  for (int i = 0; i < cand.count; ++i) {
-    if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
-    mass_p += safe_exp(cand.log_p[i]);
-    mass_q += safe_exp(cand.log_q[i]);
-  }
+  // Log set masses (for renormalisation), in log space so that they cannot underflow.
+  const acc_t log_zp = log_set_mass(variant, cand, cand.log_p);
+  const acc_t log_zq = log_set_mass(variant, cand, cand.log_q);
   if (estimator == Estimator::kPg) {
     const bool renormalise = variant != Variant::kNonoverlapTopk;
     acc_t advantage_sum = 0;
@@ -187,7 +245,9 @@ OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,
       if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
       const acc_t p = safe_exp(cand.log_p[i]);
       acc_t weight = p;
-      if (renormalise) weight = mass_p > acc_t(0) ? p / mass_p : acc_t(0);
+      if (renormalise) {
+        weight = log_zp > acc_t(-INFINITY) ? safe_exp(cand.log_p[i] - log_zp) : acc_t(0);
+      }
       const acc_t advantage = weighted_log_ratio(weight, cand.log_q[i], cand.log_p[i]);
       if (advantage == acc_t(0)) continue;
       advantage_sum += advantage;
@@ -200,8 +260,7 @@ OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,
     return result;
   }
   // exact: sum_A pbar (log pbar - log qbar), gradient pbar_j (log pbar_j - log qbar_j - L).
-  if (!(mass_p > acc_t(0))) return result;
-  const acc_t log_zp = log(mass_p), log_zq = log(mass_q);
+  if (!(log_zp > acc_t(-INFINITY))) return result;
   acc_t loss = 0;
   for (int i = 0; i < cand.count; ++i) {
     if (!in_loss_set(variant, cand.in_student[i], cand.in_teacher[i])) continue;
