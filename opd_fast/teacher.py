@@ -8,11 +8,12 @@ interface over HTTP (opd_fast.serving).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 
+@runtime_checkable
 class Teacher(Protocol):
     vocab_size: int
 
@@ -20,6 +21,30 @@ class Teacher(Protocol):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         """(B, L) ids -> (B, L, V) logits, no gradient."""
+
+
+@runtime_checkable
+class PayloadTeacher(Protocol):
+    """A teacher that answers with OPD_SPEC.md section 6 payloads instead of logits (a remote
+    server): every variant but full_vocab, exactly."""
+
+    vocab_size: int
+
+    def payload(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        requested_ids: torch.Tensor,
+        k: int,
+        temperature: float,
+        vocab_limit: int,
+    ):
+        """Score sequences (B, L); for every position t < L - 1 where response_mask (B, L-1)
+        is True, describe the teacher's next-token distribution over ids < vocab_limit at
+        temperature: a TeacherPayload shaped (B, L-1, ...), requested_ids (B, L-1, k) being
+        the student's top-k there, sampled = input_ids[:, 1:]. Other positions: any finite
+        filler (they are masked out)."""
 
 
 class LocalTeacher:

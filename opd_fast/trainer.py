@@ -37,7 +37,8 @@ from opd_fast.models import (
 )
 from opd_fast.plots import plot_dynamics
 from opd_fast.rollout import RolloutBatch, generate
-from opd_fast.teacher import LocalTeacher, Teacher
+from opd_fast.ops import row_topk
+from opd_fast.teacher import LocalTeacher, PayloadTeacher, Teacher
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,6 +134,11 @@ class Trainer:
                 self.paths.teacher, self.device, self.dtype, attention, False
             )
             self.teacher = LocalTeacher(teacher_model, config.teacher_batch_size)
+        if isinstance(self.teacher, PayloadTeacher) and config.variant == "full_vocab":
+            raise ValueError(
+                "config: variant 'full_vocab' needs the teacher's full logits; a remote teacher "
+                "returns top-k payloads (use student_topk, overlap_topk, ...)"
+            )
         self.vocab = self._shared_vocab()
         if config.k > self.vocab:
             raise ValueError(f"config: k={config.k} is larger than the vocabulary ({self.vocab})")
@@ -213,15 +219,34 @@ class Trainer:
         )
         return batch, repeated
 
+    def teacher_side(self, batch: RolloutBatch, student_rows: torch.Tensor, mask: torch.Tensor):
+        """The teacher's half of the loss for (B, L-1) positions: logits from an in-process
+        teacher, or a TeacherPayload from a teacher that scores the student's top-k ids."""
+        config = self.config
+        if isinstance(self.teacher, PayloadTeacher):
+            batch_size, length, vocab = student_rows.shape
+            with torch.no_grad():
+                requested = row_topk(
+                    student_rows.detach().reshape(-1, vocab), config.k, config.loss_temperature
+                ).ids.reshape(batch_size, length, config.k)
+            return self.teacher.payload(
+                batch.input_ids,
+                batch.attention_mask,
+                mask,
+                requested,
+                config.k,
+                config.loss_temperature,
+                vocab,
+            )
+        teacher_logits = self.teacher.logits(
+            batch.input_ids, batch.attention_mask, batch.position_ids
+        )
+        return teacher_logits[:, :-1, : self.vocab].to(student_rows.dtype)
+
     def loss_on(self, batch: RolloutBatch, total_tokens: int, total_sequences: int, timers):
         """Loss of one micro-batch, scaled so that summing over micro-batches gives the step's
         token_mean (or seq_mean_token_sum); returns (scaled loss, opd_loss metrics)."""
         config = self.config
-        started = time.perf_counter()
-        teacher_logits = self.teacher.logits(
-            batch.input_ids, batch.attention_mask, batch.position_ids
-        )
-        timers["teacher"] += time.perf_counter() - started
         student_logits = self.student(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -230,8 +255,10 @@ class Trainer:
         ).logits
         # Position t predicts token t + 1; drop padded vocabulary columns past the shared part.
         student_rows = student_logits[:, :-1, : self.vocab]
-        teacher_rows = teacher_logits[:, :-1, : self.vocab].to(student_rows.dtype)
         mask = batch.response_mask[:, 1:]
+        started = time.perf_counter()
+        teacher_rows = self.teacher_side(batch, student_rows, mask)
+        timers["teacher"] += time.perf_counter() - started
         output = self.loss_fn(
             student_rows,
             teacher_rows,
