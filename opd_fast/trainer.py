@@ -197,7 +197,12 @@ class Trainer:
         record = {"kind": "eval", "step": self.step}
         record["student_accuracy"] = self.accuracy(self.student, self.eval_examples)
         if with_teacher and isinstance(self.teacher, LocalTeacher):
-            record["teacher_accuracy"] = self.accuracy(self.teacher.model, self.eval_examples)
+            # Sampling the teacher's answers must not move the random stream that the
+            # student's rollouts draw from: a run with a remote teacher (which cannot be
+            # evaluated here) then sees the same rollouts as one with the teacher in process.
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                record["teacher_accuracy"] = self.accuracy(self.teacher.model, self.eval_examples)
         self.log.write(record)
         return record
 
