@@ -168,10 +168,17 @@ def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult, payload=
                     f"teacher payload {name}: {int(outside.sum())} id(s) outside [0, {vocab})"
                 )
         rows = valid.shape[0]
+        # NaN marks what a teacher cannot tell (an OpenAI-compatible engine: its entropy, its
+        # log-probs at student ids outside its own top-k); those only make the entropy
+        # metrics NaN, or the loss of a variant that needs them (checked below). A NaN at an
+        # id of the teacher's own top-k, or in its top-k / sampled log-probs, is corruption.
+        requested_ids = payload.requested_ids.reshape(rows, -1)
+        in_teacher_topk = (
+            requested_ids.unsqueeze(-1) == payload.topk_ids.reshape(rows, 1, -1)
+        ).any(-1)
         floats = [
             payload.topk_log_probs.reshape(rows, -1),
-            payload.requested_log_probs.reshape(rows, -1),
-            payload.entropy.reshape(rows, 1),
+            payload.requested_log_probs.reshape(rows, -1).masked_fill(~in_teacher_topk, 0),
         ]
         if payload.sampled_log_probs is not None:
             floats.append(payload.sampled_log_probs.reshape(rows, 1))
@@ -180,6 +187,13 @@ def _check_values(valid, sampled_ids, vocab, result: ops.ForwardResult, payload=
             raise NonFiniteLogitsError(
                 f"teacher payload: NaN in {int(bad.sum())} valid row(s) (first: flattened row "
                 f"{int(bad.nonzero()[0, 0])})"
+            )
+        bad = valid & torch.isnan(result.loss.detach())
+        if bool(bad.any()):
+            raise NonFiniteLogitsError(
+                f"teacher payload: the loss is NaN in {int(bad.sum())} valid row(s) (first: "
+                f"flattened row {int(bad.nonzero()[0, 0])}): this variant needs teacher "
+                "log-probs that the payload does not have (NaN requested_log_probs)"
             )
     else:
         checked.append(("teacher_logits", result.teacher_lse))

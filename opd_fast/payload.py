@@ -24,6 +24,10 @@ class TeacherPayload:
     requested_log_probs: teacher log-probs at requested_ids, (..., k)
     entropy: teacher entropy H(q_t), (...)
     sampled_log_probs: teacher log-prob of the realised token, (...), or None
+
+    A teacher that cannot compute everything (opd_fast.serving.openai_teacher) puts NaN in
+    entropy and in requested_log_probs at ids outside its top-k: the entropy metrics are then
+    NaN, and opd_loss refuses a variant whose loss needs the missing log-probs.
     """
 
     topk_ids: torch.Tensor
