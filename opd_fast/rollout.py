@@ -64,8 +64,9 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 def generate(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | None = None,
     *,
+    prompt_ids: list[list[int]] | None = None,
     eos_ids: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -74,12 +75,13 @@ def generate(
     batch_size: int = 64,
     example_index: list[int] | None = None,
 ) -> RolloutBatch:
-    """Sample one response per prompt (repeat prompts for several rollouts each)."""
+    """Sample one response per prompt (repeat prompts for several rollouts each). Prompts are
+    text, or already token ids (`prompt_ids`, e.g. a prompt plus a response prefix)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     config = _generation_config(tokenizer, eos_ids, max_new_tokens, temperature, top_p, greedy)
-    encoded = encode_prompts(tokenizer, prompts)
+    encoded = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
     sequences: list[tuple[list[int], list[int], bool]] = []
     eos_set = set(eos_ids)
     for start in range(0, len(encoded), batch_size):
@@ -103,7 +105,7 @@ def generate(
                     break
             sequences.append((prompt_ids, response, not finished))
     model.train(was_training)
-    return _pack(sequences, tokenizer, device, example_index or list(range(len(prompts))))
+    return _pack(sequences, tokenizer, device, example_index or list(range(len(encoded))))
 
 
 def _pack(sequences, tokenizer, device, example_index) -> RolloutBatch:
