@@ -62,6 +62,13 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per student forward/backward (gradient accumulation)
     teacher_batch_size: int = 8  # sequences per teacher forward (bounds its memory)
 
+    # Off-policy cold start before OPD (0 steps = off): SFT on filtered teacher responses.
+    cold_start_steps: int = 0
+    cold_start_lr: float = 1e-5
+    cold_start_batch_size: int = 32
+    cold_start_responses_per_prompt: int = 2
+    cold_start_only_correct: bool = False
+
     # Evaluation, logging, checkpoints.
     eval_every: int = 10  # steps; 0 = only before and after training
     eval_samples: int = 1  # avg@n
@@ -87,7 +94,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_max_prompts"):
+        for name in (
+            "eval_every",
+            "checkpoint_every",
+            "warmup_steps",
+            "eval_max_prompts",
+            "cold_start_steps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("rollout_temperature", "loss_temperature", "eval_temperature", "lr"):

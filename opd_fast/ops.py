@@ -123,8 +123,10 @@ if extension_available():
         torch._check(student_logits.dim() == 2, lambda: "opd_fast: student_logits must be (N, V)")
         torch._check(
             teacher_logits.shape == student_logits.shape,
-            lambda: f"opd_fast: teacher_logits shape {tuple(teacher_logits.shape)} != "
-            f"student_logits shape {tuple(student_logits.shape)}",
+            lambda: (
+                f"opd_fast: teacher_logits shape {tuple(teacher_logits.shape)} != "
+                f"student_logits shape {tuple(student_logits.shape)}"
+            ),
         )
         for name, tensor in (
             ("teacher_logits", teacher_logits),
@@ -133,19 +135,25 @@ if extension_available():
         ):
             torch._check(
                 tensor is None or tensor.device == student_logits.device,
-                lambda: f"opd_fast: {name} on {tensor.device} but student_logits on "
-                f"{student_logits.device}",
+                lambda name=name, tensor=tensor: (
+                    f"opd_fast: {name} on {tensor.device} but "
+                    f"student_logits on {student_logits.device}"
+                ),
             )
         torch._check(
             teacher_logits.dtype == student_logits.dtype,
-            lambda: f"opd_fast: teacher_logits dtype {teacher_logits.dtype} != student_logits "
-            f"dtype {student_logits.dtype}",
+            lambda: (
+                f"opd_fast: teacher_logits dtype {teacher_logits.dtype} != student_logits "
+                f"dtype {student_logits.dtype}"
+            ),
         )
         for k_fits in (1 <= k, k <= MAX_K, k <= student_logits.shape[1]):
             torch._check(
                 k_fits,
-                lambda: f"opd_fast: k must be in [1, min(V, {MAX_K})], got k={k} with "
-                f"V={student_logits.shape[1]}",
+                lambda: (
+                    f"opd_fast: k must be in [1, min(V, {MAX_K})], got k={k} with "
+                    f"V={student_logits.shape[1]}"
+                ),
             )
         return _forward_outputs_fake(student_logits, k)
 

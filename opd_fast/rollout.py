@@ -56,6 +56,17 @@ def _generation_config(tokenizer, eos_ids, max_new_tokens, temperature, top_p, g
     )
 
 
+def _vocab_limit_processor(vocab_limit: int | None):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class BeyondVocabulary(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, vocab_limit:] = float("-inf")
+            return scores
+
+    return LogitsProcessorList([BeyondVocabulary()] if vocab_limit is not None else [])
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
 
@@ -74,9 +85,12 @@ def generate(
     greedy: bool = False,
     batch_size: int = 64,
     example_index: list[int] | None = None,
+    vocab_limit: int | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt (repeat prompts for several rollouts each). Prompts are
-    text, or already token ids (`prompt_ids`, e.g. a prompt plus a response prefix)."""
+    text, or already token ids (`prompt_ids`, e.g. a prompt plus a response prefix).
+    vocab_limit: never sample ids at or past it (a model whose embedding table is padded past
+    the shared vocabulary must not emit ids the other model cannot read)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -93,7 +107,10 @@ def generate(
             [[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device
         )
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention, generation_config=config
+            input_ids=input_ids,
+            attention_mask=attention,
+            generation_config=config,
+            logits_processor=_vocab_limit_processor(vocab_limit),
         )
         for row, prompt_ids in enumerate(chunk):
             generated = output[row, width:].tolist()

@@ -35,9 +35,9 @@ from opd_fast.models import (
     resolve_device,
     resolve_dtype,
 )
+from opd_fast.ops import row_topk
 from opd_fast.plots import plot_dynamics
 from opd_fast.rollout import RolloutBatch, generate
-from opd_fast.ops import row_topk
 from opd_fast.teacher import LocalTeacher, PayloadTeacher, Teacher
 
 
@@ -189,6 +189,7 @@ class Trainer:
             temperature=config.eval_temperature,
             top_p=config.eval_top_p,
             batch_size=config.rollout_batch_size,
+            vocab_limit=self.vocab,
         )
         correct = [is_correct(r, e.answer) for r, e in zip(batch.responses, repeated)]
         return sum(correct) / len(correct)
@@ -221,6 +222,7 @@ class Trainer:
             temperature=config.rollout_temperature,
             top_p=config.rollout_top_p,
             batch_size=config.rollout_batch_size,
+            vocab_limit=self.vocab,
         )
         return batch, repeated
 
@@ -338,6 +340,47 @@ class Trainer:
         self.log.write(record)
         return record
 
+    def cold_start(self) -> dict:
+        """SFT the student on filtered teacher responses to the training prompts (in place)."""
+        from opd_fast.sft import SFTSettings, cold_start
+
+        if not isinstance(self.teacher, LocalTeacher):
+            raise ValueError(
+                "config: the cold start samples from the teacher, which must be "
+                "in process (not teacher_url)"
+            )
+        config = self.config
+        settings = SFTSettings(
+            vocab_limit=self.vocab,
+            responses_per_prompt=config.cold_start_responses_per_prompt,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.rollout_temperature,
+            only_correct=config.cold_start_only_correct,
+            steps=config.cold_start_steps,
+            batch_size=config.cold_start_batch_size,
+            lr=config.cold_start_lr,
+            seed=config.seed,
+        )
+        report = cold_start(
+            self.student,
+            self.teacher.model,
+            self.tokenizer,
+            self.train_examples,
+            config.prompt_template,
+            self.eos_ids,
+            settings,
+            os.path.join(config.run_dir, "cold_start_model"),
+            progress=config.progress,
+        )
+        self.log.write(
+            {
+                "kind": "cold_start",
+                "step": 0,
+                **{k: v for k, v in report.items() if k != "settings"},
+            }
+        )
+        return report
+
     # ---- checkpoints ------------------------------------------------------------------
 
     def save(self) -> str:
@@ -387,6 +430,9 @@ class Trainer:
                 os.remove(self.log.path)  # a fresh run starts a fresh log
             write_json(os.path.join(config.run_dir, "config.json"), config.to_dict())
             self.evaluate(with_teacher=True)
+            if config.cold_start_steps:
+                self.cold_start()
+                self.evaluate()  # step 0 again: the student OPD starts from
         progress = _progress(config, initial=self.step)
         session_steps = 0
         with _StopRequest() as stop:
