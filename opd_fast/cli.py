@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(demo_parser)
     demo_parser.set_defaults(handler=_demo)
 
+    from opd_fast.serving.server import add_serve_teacher_parser
+
+    add_serve_teacher_parser(commands)
+
     config_parser = commands.add_parser("config", help="print the default config as JSON")
     config_parser.set_defaults(
         handler=lambda args: print(json.dumps(load_config().to_dict(), indent=2)) or 0
