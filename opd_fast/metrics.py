@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any
 
+import torch
+
 from opd_fast.reference import TOKEN_METRIC_NAMES
 
 
@@ -44,9 +46,43 @@ class StepMetrics:
         return result
 
 
+class PositionProfile:
+    """Per-token metrics averaged in `chunks` fixed slices of response positions (slice i holds
+    offsets [i * span / chunks, (i + 1) * span / chunks) from the response start), so profiles
+    of different steps line up in a heatmap (e.g. entropy spreading from the end backwards)."""
+
+    def __init__(self, span: int, chunks: int = 8):
+        self.span, self.chunks = max(span, 1), chunks
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = torch.zeros(chunks, dtype=torch.float64)
+
+    def add(self, token_metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        mask = mask.detach().cpu()
+        starts = mask.float().argmax(dim=1, keepdim=True)
+        offsets = torch.arange(mask.shape[1]).unsqueeze(0) - starts
+        chunk = (offsets.clamp_min(0) * self.chunks // self.span).clamp_max(self.chunks - 1)
+        chunk = torch.where(mask, chunk, torch.full_like(chunk, self.chunks))  # drop others
+        self.counts += torch.bincount(chunk.flatten(), minlength=self.chunks + 1)[: self.chunks]
+        for name, values in token_metrics.items():
+            values = values.detach().cpu().double().nan_to_num(0.0)
+            sums = torch.zeros(self.chunks + 1, dtype=torch.float64)
+            sums.index_add_(0, chunk.flatten(), values.flatten())
+            self.sums[name] = self.sums.get(name, 0) + sums[: self.chunks]
+
+    def means(self) -> dict[str, list[float | None]]:
+        return {
+            name: [float(s / c) if c > 0 else None for s, c in zip(sums, self.counts)]
+            for name, sums in self.sums.items()
+        }
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
     return value
 
 

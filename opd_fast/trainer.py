@@ -25,7 +25,7 @@ from opd_fast.config import TOY, TrainConfig, make_config
 from opd_fast.data import Example, PromptSampler, load_examples, render_prompt
 from opd_fast.grading import is_correct
 from opd_fast.loss import NonFiniteLogitsError, opd_loss
-from opd_fast.metrics import MetricsLog, StepMetrics, summarise, write_json
+from opd_fast.metrics import MetricsLog, PositionProfile, StepMetrics, summarise, write_json
 from opd_fast.models import (
     check_tokenizers_match,
     eos_token_ids,
@@ -252,7 +252,7 @@ class Trainer:
 
     def loss_on(self, batch: RolloutBatch, total_tokens: int, total_sequences: int, timers):
         """Loss of one micro-batch, scaled so that summing over micro-batches gives the step's
-        token_mean (or seq_mean_token_sum); returns (scaled loss, opd_loss metrics)."""
+        token_mean (or seq_mean_token_sum); returns (scaled loss, the opd_loss output)."""
         config = self.config
         student_logits = self.student(
             input_ids=batch.input_ids,
@@ -276,12 +276,13 @@ class Trainer:
             mask=mask,
             sampled_ids=batch.input_ids[:, 1:],
             reduction="sum" if config.reduction == "token_mean" else "seq_mean_token_sum",
+            return_token_metrics=True,
         )
         if config.reduction == "token_mean":
             scaled = output.loss / max(total_tokens, 1)
         else:
             scaled = output.loss * (batch.input_ids.shape[0] / total_sequences)
-        return scaled, output.metrics
+        return scaled, output
 
     def train_step(self) -> dict:
         config = self.config
@@ -297,11 +298,12 @@ class Trainer:
         total_tokens = int(batch.response_mask[:, 1:].sum())
         sequences = batch.input_ids.shape[0]
         step_metrics = StepMetrics()
+        profile = PositionProfile(span=config.max_new_tokens)
         loss_value = 0.0
         for start in range(0, sequences, config.micro_batch_size):
             micro = batch.select(start, min(start + config.micro_batch_size, sequences))
             try:
-                scaled, metrics = self.loss_on(micro, total_tokens, sequences, timers)
+                scaled, output = self.loss_on(micro, total_tokens, sequences, timers)
             except NonFiniteLogitsError as error:
                 raise TrainingDiverged(
                     f"non-finite logits at step {self.step + 1}: {error}"
@@ -310,7 +312,8 @@ class Trainer:
                 raise TrainingDiverged(f"loss is {float(scaled)} at step {self.step + 1}")
             scaled.backward()
             loss_value += float(scaled.detach())
-            step_metrics.add(metrics)
+            step_metrics.add(output.metrics)
+            profile.add(output.token_metrics, micro.response_mask[:, 1:])
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
         )
@@ -324,6 +327,7 @@ class Trainer:
 
         record = {"kind": "train", "step": self.step, "loss": loss_value}
         record.update(step_metrics.means())
+        record["position_profile"] = profile.means()
         tokens = batch.num_response_tokens
         record.update(
             grad_norm=grad_norm,

@@ -114,6 +114,7 @@ def _reference_loss(
     mask=None,
     sampled_ids=None,
     reduction="token_mean",
+    return_token_metrics=False,
     **settings,
 ):
     """opd_fast.reference wrapped in opd_loss's signature and output."""
@@ -127,7 +128,13 @@ def _reference_loss(
     )
     names = reference.TOKEN_METRIC_NAMES
     rows = torch.stack([token_metrics[n] for n in names], dim=1)
-    return OPDLossOutput(loss=loss, metrics=_mean_metrics(rows, valid, True))
+    shape = student_logits.shape[:-1]
+    per_token = {name: values.reshape(shape) for name, values in token_metrics.items()}
+    return OPDLossOutput(
+        loss=loss,
+        metrics=_mean_metrics(rows, valid, True),
+        token_metrics=per_token if return_token_metrics else None,
+    )
 
 
 @pytest.mark.parametrize("variant", ["student_topk", "full_vocab", "sampled_token"])
