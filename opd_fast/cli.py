@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_teacher_parser(commands)
 
+    from opd_fast.cli_recipes import add_recipe_commands
+
+    add_recipe_commands(commands)
+
     config_parser = commands.add_parser("config", help="print the default config as JSON")
     config_parser.set_defaults(
         handler=lambda args: print(json.dumps(load_config().to_dict(), indent=2)) or 0

@@ -42,3 +42,48 @@ def plot_dynamics(records: list[dict[str, Any]], path: str, title: str = "OPD dy
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_position_heatmaps(
+    records: list[dict[str, Any]],
+    path: str,
+    metrics: tuple[str, ...] = (
+        "entropy_student",
+        "entropy_teacher",
+        "overlap_ratio",
+        "sampled_token_kl",
+    ),
+) -> None:
+    """Heatmaps of per-token metrics by response-position chunk (x) and training step (y):
+    the paper sees high entropy appear at the end of long responses first and spread forward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    train = [r for r in records if r.get("kind") == "train" and r.get("position_profile")]
+    if not train:
+        raise ValueError("no position_profile in these records (a run from an older version?)")
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4))
+    for axis, name in zip(np.atleast_1d(axes), metrics):
+        rows = [r["position_profile"].get(name) for r in train]
+        width = max(len(row) for row in rows if row)
+        grid = np.array(
+            [[np.nan if v is None else v for v in (row or [None] * width)] for row in rows],
+            dtype=float,
+        )
+        image = axis.imshow(
+            grid,
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            extent=(0, width, train[0]["step"] - 0.5, train[-1]["step"] + 0.5),
+        )
+        axis.set_xlabel("response position chunk (start -> end)")
+        axis.set_ylabel("step")
+        axis.set_title(name)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
