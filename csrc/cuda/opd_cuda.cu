@@ -1,0 +1,155 @@
+// CUDA implementations of opd_fast::opd_forward / opd_backward: checks (op_checks.h), output
+// allocation (the same as the CPU launcher in ../cpu/opd_cpu.cpp), device guard, current
+// stream and dtype dispatch; the kernels are in ../include/opd_fast/opd_{forward,backward}.cuh.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "../op_checks.h"
+#include "opd_fast/opd_backward.cuh"
+#include "opd_fast/opd_forward.cuh"
+
+namespace opd_fast {
+namespace {
+
+constexpr int64_t kMaxRowsOrVocab = 0x7fffffff;  // grid.x and the 31-bit ids of the top-k keys
+
+// The CUDA element type behind an ATen dtype (c10::BFloat16 / c10::Half are bit-compatible).
+template <typename F>
+void dispatch_logits_dtype(at::ScalarType dtype, F&& body) {
+  switch (dtype) {
+    case at::kFloat: body(float{}); return;
+    case at::kDouble: body(double{}); return;
+    case at::kBFloat16: body(__nv_bfloat16{}); return;
+    case at::kHalf: body(__half{}); return;
+    default: TORCH_CHECK(false, "opd_fast: unsupported dtype ", dtype);
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "opd_fast: ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+opd_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                 const c10::optional<at::Tensor>& sampled_ids,
+                 const c10::optional<at::Tensor>& row_valid, int64_t k, c10::string_view variant,
+                 c10::string_view estimator, double temperature) {
+  const ForwardPlan plan =
+      plan_forward(student_logits, teacher_logits, sampled_ids, row_valid, k,
+                   std::string(variant), std::string(estimator), temperature);
+  check_cuda(plan.student, "student_logits");
+  const c10::cuda::CUDAGuard device_guard(plan.student.device());
+  const int64_t rows = plan.student.size(0);
+  const int64_t vocab = plan.student.size(1);
+  TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
+              "opd_fast: the CUDA kernels need N and V below 2^31, got ", plan.student.sizes());
+  const auto options = plan.student.options().dtype(plan.acc_dtype);
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor metrics = at::empty({rows, kNumMetrics}, options);
+  at::Tensor student_lse = at::empty({rows}, options);
+  at::Tensor teacher_lse = at::empty({rows}, options);
+  at::Tensor grad_scale = at::empty({rows}, options);
+  at::Tensor sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
+  at::Tensor sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
+  at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
+  if (rows == 0) {
+    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.student.device().index());
+
+  dispatch_logits_dtype(plan.student.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    using acc_t = typename kernels::Element<scalar_t>::acc_t;
+    kernels::ForwardParams<scalar_t> params{};
+    params.student = static_cast<const scalar_t*>(plan.student.data_ptr());
+    params.teacher = static_cast<const scalar_t*>(plan.teacher.data_ptr());
+    params.student_row_stride = plan.student.stride(0);
+    params.teacher_row_stride = plan.teacher.stride(0);
+    params.rows = rows;
+    params.vocab = vocab;
+    params.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    params.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+    params.k = plan.k;
+    params.variant = plan.variant;
+    params.estimator = plan.estimator;
+    params.inv_tau = acc_t(1) / acc_t(temperature);
+    params.sparse_width = plan.sparse_width;
+    params.loss = static_cast<acc_t*>(loss.data_ptr());
+    params.metrics = static_cast<acc_t*>(metrics.data_ptr());
+    params.student_lse = static_cast<acc_t*>(student_lse.data_ptr());
+    params.teacher_lse = static_cast<acc_t*>(teacher_lse.data_ptr());
+    params.grad_scale = static_cast<acc_t*>(grad_scale.data_ptr());
+    params.sparse_id = sparse_id.data_ptr<int64_t>();
+    params.sparse_coef = static_cast<acc_t*>(sparse_coef.data_ptr());
+    C10_CUDA_CHECK(kernels::launch_opd_forward(params, stream));
+  });
+  return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+}
+
+at::Tensor opd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                             const at::Tensor& teacher_logits, const at::Tensor& student_lse,
+                             const at::Tensor& grad_scale, const at::Tensor& sparse_id,
+                             const at::Tensor& sparse_coef, double temperature,
+                             bool full_vocab) {
+  check_backward(grad_loss, student_logits, teacher_logits, student_lse, grad_scale, sparse_id,
+                 sparse_coef, full_vocab);
+  check_cuda(student_logits, "student_logits");
+  const c10::cuda::CUDAGuard device_guard(student_logits.device());
+  const at::Tensor student = rows_contiguous(student_logits);
+  const at::Tensor teacher = full_vocab ? rows_contiguous(teacher_logits) : at::Tensor();
+  const at::Tensor grad_rows = grad_loss.contiguous();
+  const at::Tensor lse = student_lse.contiguous();
+  const at::Tensor scale = grad_scale.contiguous();
+  const at::Tensor ids = sparse_id.contiguous();
+  const at::Tensor coefs = sparse_coef.contiguous();
+  at::Tensor grad_student = at::empty(student.sizes(), student.options());
+  const int64_t rows = student.size(0);
+  const int64_t vocab = student.size(1);
+  TORCH_CHECK(rows <= kMaxRowsOrVocab && ids.size(1) <= kMaxRowsOrVocab,
+              "opd_fast: the CUDA kernels need N and the sparse width below 2^31");
+  if (grad_student.numel() == 0) return grad_student;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index());
+
+  dispatch_logits_dtype(student.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    using acc_t = typename kernels::Element<scalar_t>::acc_t;
+    kernels::BackwardParams<scalar_t> params{};
+    params.student = static_cast<const scalar_t*>(student.data_ptr());
+    params.teacher = full_vocab ? static_cast<const scalar_t*>(teacher.data_ptr()) : nullptr;
+    params.student_row_stride = student.stride(0);
+    params.teacher_row_stride = full_vocab ? teacher.stride(0) : 0;
+    params.rows = rows;
+    params.vocab = vocab;
+    params.inv_tau = acc_t(1) / acc_t(temperature);
+    params.full_vocab = full_vocab;
+    params.grad_loss = static_cast<const acc_t*>(grad_rows.data_ptr());
+    params.student_lse = static_cast<const acc_t*>(lse.data_ptr());
+    params.grad_scale = static_cast<const acc_t*>(scale.data_ptr());
+    params.sparse_id = ids.data_ptr<int64_t>();
+    params.sparse_coef = static_cast<const acc_t*>(coefs.data_ptr());
+    params.sparse_width = static_cast<int>(ids.size(1));
+    params.grad_student = static_cast<scalar_t*>(grad_student.data_ptr());
+    C10_CUDA_CHECK(kernels::launch_opd_backward(params, stream));
+  });
+  return grad_student;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_fast, CUDA, m) {
+  m.impl("opd_forward", &opd_forward_cuda);
+  m.impl("opd_backward", &opd_backward_cuda);
+}
+
+}  // namespace opd_fast

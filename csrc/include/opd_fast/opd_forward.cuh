@@ -1,0 +1,504 @@
+// Forward of the fused OPD op on the GPU: one streaming pass over both (N, V) logits.
+// Torch-free: a __global__ kernel and a host launcher returning cudaError_t.
+//
+// Math (per row; z = student logits, u = teacher logits, both (V,), tau = temperature), the
+// same as the CPU kernels in ../../cpu/row_stream.inc:
+//   lse_s = log sum_j exp(z_j / tau)          H(p) = lse_s - sum_j p_j z_j / tau
+//   lse_t = log sum_j exp(u_j / tau)          H(q) likewise
+//   full_vocab: KL(p || q) = sum_j p_j (z_j - u_j) / tau - lse_s + lse_t
+//   S_p, S_q = top-k of z and of u, ranked on the raw logits (ties -> lower id)
+// then row_loss.h turns the deduplicated union S_p u S_q, with log p and log q at each id,
+// into the loss, the metrics, C (grad_scale) and the <= 2k sparse gradient coefficients.
+//
+// Shapes: student, teacher (N, V) with unit stride along V and any row stride;
+// sampled_ids (N,) int64 or null; row_valid (N,) bool or null. Outputs, in the accumulation
+// type (float, or double for double logits): loss (N,), metrics (N, kNumMetrics),
+// student_lse (N,), teacher_lse (N,), grad_scale (N,), sparse_id (N, W) int64 (-1 unused),
+// sparse_coef (N, W), W = sparse_width = 2k.
+//
+// Parallel scheme: one CTA of kForwardThreads (256) threads per row.
+//   1. Each thread streams its share of both rows with 16-byte loads (scalar at an
+//      unaligned head and at the tail), keeping for each model an online softmax state
+//      (running max m, sum e, sum e * d, and for full_vocab the student-weighted sum e * u/tau;
+//      e = exp(x/tau - m), d = x/tau - m; m is rescaled once per vector, not per element),
+//      while each warp keeps a running top-k of each model (warp_topk.cuh).
+//   2. The softmax states are combined across the block (warp shuffles, then warp 0 over
+//      the per-warp partials in shared memory); the per-warp top-k lists are written to
+//      shared memory and bitonic-sorted: the first k of each are the row's S_p and S_q.
+//   3. 2k threads build the candidate union (gathering the other model's logit at each id)
+//      and thread 0 compacts it, then calls row_metrics / row_loss and writes the row.
+//      A row whose NaNs left fewer than k orderable entries gets the CPU's filler ids.
+// Invalid rows (row_valid false) write zeros and sparse_id = -1. A NaN logit makes the lse
+// and the entropy NaN (through the sum); an all -inf row has lse = -inf and entropy 0.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "opd_fast/cuda_common.cuh"
+#include "opd_fast/row_loss.h"
+#include "opd_fast/warp_topk.cuh"
+
+namespace opd_fast {
+namespace kernels {
+
+constexpr int kForwardThreads = 256;
+constexpr int kForwardWarps = kForwardThreads / kWarpSize;
+
+template <typename scalar_t>
+struct ForwardParams {
+  using acc_t = typename Element<scalar_t>::acc_t;
+  const scalar_t* student;  // (rows, vocab), unit stride along vocab
+  const scalar_t* teacher;
+  int64_t student_row_stride;  // in elements
+  int64_t teacher_row_stride;
+  int64_t rows;
+  int64_t vocab;
+  const int64_t* sampled_ids;  // (rows,) or nullptr
+  const bool* row_valid;       // (rows,) or nullptr
+  int k;
+  Variant variant;
+  Estimator estimator;
+  acc_t inv_tau;  // 1 / temperature, computed on the host as acc_t(1) / acc_t(temperature)
+  int sparse_width;
+  acc_t* loss;         // (rows,)
+  acc_t* metrics;      // (rows, kNumMetrics)
+  acc_t* student_lse;  // (rows,)
+  acc_t* teacher_lse;  // (rows,)
+  acc_t* grad_scale;   // (rows,)
+  int64_t* sparse_id;  // (rows, sparse_width)
+  acc_t* sparse_coef;  // (rows, sparse_width)
+};
+
+// ---------------------------------------------------------------------------------------
+// Online softmax state (natural-log units)
+// ---------------------------------------------------------------------------------------
+
+// max = running max of x / tau (-inf until a value above -inf was seen); sum = sum e;
+// spread = sum e * d; cross = sum e * (other / tau), with e = exp(d), d = x / tau - max.
+// A NaN input makes sum NaN. No member initialisers: it also lives in shared memory.
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t max;
+  acc_t sum;
+  acc_t spread;
+  acc_t cross;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxState<acc_t> softmax_empty() {
+  SoftmaxState<acc_t> state;
+  state.max = -INFINITY;
+  state.sum = 0;
+  state.spread = 0;
+  state.cross = 0;
+  return state;
+}
+
+// Adds x[0, N) (and other[0, N) to the cross term when kCross): OnlineSoftmax::add_block of
+// row_stream.inc for one thread's vector.
+template <bool kCross, typename acc_t, int N>
+__device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const acc_t (&x)[N],
+                                            const acc_t (&other)[N], acc_t inv_tau) {
+  acc_t raw_max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < N; ++i) raw_max = x[i] > raw_max ? x[i] : raw_max;  // skips NaN
+  const acc_t vector_max = raw_max * inv_tau;
+  if (vector_max == -INFINITY) {
+    // All -inf or NaN: only a NaN must still poison the sum.
+    acc_t poison = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) poison += x[i] != x[i] ? x[i] : acc_t(0);
+    state.sum += poison;
+    return;
+  }
+  if (vector_max > state.max) {
+    // Rescale what we have to the new max: sum e d with d -> d - delta.
+    const bool was_empty = state.max == -INFINITY;
+    const acc_t delta = vector_max - state.max;
+    const acc_t scale = was_empty ? acc_t(0) : exp_acc(-delta);
+    state.spread = was_empty ? acc_t(0) : (state.spread - delta * state.sum) * scale;
+    state.sum *= scale;  // keeps a NaN
+    if (kCross) state.cross = scale > acc_t(0) ? state.cross * scale : acc_t(0);
+    state.max = vector_max;
+  }
+  const acc_t running_max = state.max;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    acc_t d = x[i] * inv_tau - running_max;
+    d = d < acc_t(-1e4) ? acc_t(-1e4) : d;  // -inf -> finite so that e * d is 0, not NaN
+    const acc_t e = exp_acc(d);
+    state.sum += e;
+    state.spread += e * d;
+    if (kCross) state.cross += e > acc_t(0) ? e * (other[i] * inv_tau) : acc_t(0);
+  }
+}
+
+// Merges two partial states (any order).
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxState<acc_t> softmax_combine(SoftmaxState<acc_t> a,
+                                                               SoftmaxState<acc_t> b) {
+  if (b.max > a.max) {
+    const SoftmaxState<acc_t> t = a;
+    a = b;
+    b = t;
+  }
+  // Now a.max >= b.max (neither is ever NaN).
+  if (a.max == -INFINITY) {
+    a.sum += b.sum;  // 0, or NaN from a poisoned part
+    a.spread = 0;
+    a.cross = 0;
+    return a;
+  }
+  if (b.max == -INFINITY) {
+    a.sum += b.sum;  // b holds no weight, at most a NaN
+    return a;
+  }
+  const acc_t delta = a.max - b.max;
+  const acc_t scale = exp_acc(-delta);
+  a.sum += b.sum * scale;
+  a.spread += (b.spread - delta * b.sum) * scale;
+  a.cross += scale > acc_t(0) ? b.cross * scale : acc_t(0);
+  return a;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxState<acc_t> softmax_warp_reduce(SoftmaxState<acc_t> state) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    SoftmaxState<acc_t> other;
+    other.max = __shfl_xor_sync(kFullMask, state.max, offset);
+    other.sum = __shfl_xor_sync(kFullMask, state.sum, offset);
+    other.spread = __shfl_xor_sync(kFullMask, state.spread, offset);
+    other.cross = __shfl_xor_sync(kFullMask, state.cross, offset);
+    state = softmax_combine(state, other);
+  }
+  return state;
+}
+
+// lse = max + log(sum); H = log(sum) - spread / sum; an all -inf row: lse = -inf, H = 0.
+// A NaN anywhere (sum is NaN) makes both NaN, even in an all-NaN row whose max stays -inf.
+template <typename acc_t>
+__device__ __forceinline__ acc_t softmax_lse(const SoftmaxState<acc_t>& s) {
+  if (s.sum != s.sum) return s.sum;
+  return s.max == -INFINITY ? s.max : s.max + log(s.sum);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t softmax_entropy(const SoftmaxState<acc_t>& s) {
+  if (s.sum != s.sum) return s.sum;
+  return s.max == -INFINITY ? acc_t(0) : log(s.sum) - s.spread / s.sum;
+}
+
+// A top-k list that NaNs kept short (its tail decoded to id -1) is filled with the lowest
+// ids it does not hold, valued NaN: RunningTopk::fill_if_short of row_stream.inc. Such a row
+// has a NaN log-partition; this only keeps every id in range. One thread.
+template <typename acc_t>
+__device__ void fill_if_short(int64_t* ids, acc_t* values, int k) {
+  if (ids[k - 1] >= 0) return;
+  int count = 0;
+  while (count < k && ids[count] >= 0) ++count;  // the held entries are a prefix
+  for (int64_t next_id = 0; count < k; ++next_id) {
+    bool used = false;
+    for (int i = 0; i < count && !used; ++i) used = ids[i] == next_id;
+    if (used) continue;
+    ids[count] = next_id;
+    values[count] = acc_t(NAN);
+    ++count;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------
+
+// Per-thread state of the streaming pass.
+template <typename acc_t, int kSlots>
+struct StreamState {
+  SoftmaxState<acc_t> student_softmax;
+  SoftmaxState<acc_t> teacher_softmax;
+  WarpTopk<acc_t, kSlots> student_top;
+  WarpTopk<acc_t, kSlots> teacher_top;
+};
+
+// Consumes N elements per lane, ids first_id + i. Called by every lane of the warp (lanes
+// past the end pass valid = false).
+template <bool kFullVocab, int N, typename acc_t, int kSlots>
+__device__ __forceinline__ void consume(StreamState<acc_t, kSlots>& st, const acc_t (&z)[N],
+                                       const acc_t (&u)[N], int64_t first_id, bool valid,
+                                       acc_t inv_tau, int k, int lane) {
+  if (valid) {
+    softmax_add<kFullVocab>(st.student_softmax, z, u, inv_tau);
+    softmax_add<false>(st.teacher_softmax, u, u, inv_tau);
+  }
+  st.student_top.offer(z, first_id, valid, k, lane);
+  st.teacher_top.offer(u, first_id, valid, k, lane);
+}
+
+// Elements [begin, end) one per thread; the trip count is the same for the whole block.
+template <bool kFullVocab, typename scalar_t, typename acc_t, int kSlots>
+__device__ __forceinline__ void consume_scalar_range(StreamState<acc_t, kSlots>& st,
+                                                     const scalar_t* __restrict__ student,
+                                                     const scalar_t* __restrict__ teacher,
+                                                     int64_t begin, int64_t end, acc_t inv_tau,
+                                                     int k, int lane) {
+  using E = Element<scalar_t>;
+  for (int64_t base = begin; base < end; base += kForwardThreads) {
+    const int64_t i = base + threadIdx.x;
+    const bool valid = i < end;
+    acc_t z[1] = {-INFINITY};
+    acc_t u[1] = {-INFINITY};
+    if (valid) {
+      z[0] = E::to_acc(student[i]);
+      u[0] = E::to_acc(teacher[i]);
+    }
+    consume<kFullVocab>(st, z, u, i, valid, inv_tau, k, lane);
+  }
+}
+
+// 16-byte vectors [0, num_vec) starting at element `head`, two per thread per iteration
+// (all four loads issued before any use); block-uniform trip count.
+template <bool kFullVocab, typename scalar_t, typename acc_t, int kSlots>
+__device__ __forceinline__ void consume_vector_range(StreamState<acc_t, kSlots>& st,
+                                                     const scalar_t* __restrict__ student,
+                                                     const scalar_t* __restrict__ teacher,
+                                                     int64_t head, int64_t num_vec,
+                                                     acc_t inv_tau, int k, int lane) {
+  using E = Element<scalar_t>;
+  constexpr int kVec = E::kVec;
+  for (int64_t base = 0; base < num_vec; base += 2 * kForwardThreads) {
+    const int64_t v0 = base + threadIdx.x;
+    const int64_t v1 = v0 + kForwardThreads;
+    const bool valid0 = v0 < num_vec;
+    const bool valid1 = v1 < num_vec;
+    acc_t z0[kVec], u0[kVec], z1[kVec], u1[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) z0[i] = u0[i] = z1[i] = u1[i] = -INFINITY;
+    if (valid0) {
+      E::load_vec(student + head + v0 * kVec, z0);
+      E::load_vec(teacher + head + v0 * kVec, u0);
+    }
+    if (valid1) {
+      E::load_vec(student + head + v1 * kVec, z1);
+      E::load_vec(teacher + head + v1 * kVec, u1);
+    }
+    consume<kFullVocab>(st, z0, u0, head + v0 * kVec, valid0, inv_tau, k, lane);
+    consume<kFullVocab>(st, z1, u1, head + v1 * kVec, valid1, inv_tau, k, lane);
+  }
+}
+
+// One CTA per row; see the top of this file. Dynamic shared memory: 2 * kForwardWarps * kpad
+// keys (kpad = k rounded up to a power of two, <= 32 * kSlots).
+template <typename scalar_t, int kSlots, bool kFullVocab>
+__global__ void __launch_bounds__(kForwardThreads)
+    opd_forward_kernel(const ForwardParams<scalar_t> p, const int kpad) {
+  using E = Element<scalar_t>;
+  using acc_t = typename E::acc_t;
+  using Ops = TopkKey<acc_t>;
+  using Key = typename Ops::type;
+
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ SoftmaxState<acc_t> warp_softmax[2][kForwardWarps];
+  __shared__ acc_t row_lse[2];
+  __shared__ int64_t cand_id[kMaxCandidates];
+  __shared__ acc_t cand_log_p[kMaxCandidates];
+  __shared__ acc_t cand_log_q[kMaxCandidates];
+  __shared__ acc_t top_value[kMaxCandidates];
+  __shared__ bool cand_in_student[kMaxCandidates];
+  __shared__ bool cand_in_teacher[kMaxCandidates];
+  __shared__ bool teacher_duplicate[kMaxK];
+
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int64_t vocab = p.vocab;
+  const int k = p.k;
+  const acc_t inv_tau = p.inv_tau;
+
+  int64_t* out_sparse_id = p.sparse_id + row * p.sparse_width;
+  acc_t* out_sparse_coef = p.sparse_coef + row * p.sparse_width;
+  acc_t* out_metrics = p.metrics + row * kNumMetrics;
+  for (int i = tid; i < p.sparse_width; i += kForwardThreads) {
+    out_sparse_id[i] = -1;
+    out_sparse_coef[i] = 0;
+  }
+  if (p.row_valid != nullptr && !p.row_valid[row]) {  // block-uniform
+    if (tid < kNumMetrics) out_metrics[tid] = 0;
+    if (tid == 0) {
+      p.loss[row] = 0;
+      p.student_lse[row] = 0;
+      p.teacher_lse[row] = 0;
+      p.grad_scale[row] = 0;
+    }
+    return;
+  }
+
+  const scalar_t* __restrict__ student = p.student + row * p.student_row_stride;
+  const scalar_t* __restrict__ teacher = p.teacher + row * p.teacher_row_stride;
+
+  // 1. Stream both rows once.
+  StreamState<acc_t, kSlots> st;
+  st.student_softmax = softmax_empty<acc_t>();
+  st.teacher_softmax = softmax_empty<acc_t>();
+  st.student_top.init();
+  st.teacher_top.init();
+  const int64_t student_head = vector_head(student);
+  const int64_t teacher_head = vector_head(teacher);
+  const RowSplit split = split_row<E::kVec>(vocab, student_head, teacher_head, student_head);
+  consume_scalar_range<kFullVocab>(st, student, teacher, 0, split.head, inv_tau, k, lane);
+  consume_vector_range<kFullVocab>(st, student, teacher, split.head, split.num_vec, inv_tau, k,
+                                   lane);
+  consume_scalar_range<kFullVocab>(st, student, teacher, split.body_end, vocab, inv_tau, k,
+                                   lane);
+
+  // 2a. Softmax states: per warp, then warp 0 over the warps (thread 0 keeps the stats).
+  const SoftmaxState<acc_t> warp_student = softmax_warp_reduce(st.student_softmax);
+  const SoftmaxState<acc_t> warp_teacher = softmax_warp_reduce(st.teacher_softmax);
+  if (lane == 0) {
+    warp_softmax[0][warp] = warp_student;
+    warp_softmax[1][warp] = warp_teacher;
+  }
+  // 2b. Per-warp top-k lists to shared memory: [student: warps * kpad][teacher: same].
+  const int sort_size = kForwardWarps * kpad;
+  Key* student_keys = reinterpret_cast<Key*>(dynamic_smem);
+  Key* teacher_keys = student_keys + sort_size;
+  st.student_top.store(student_keys + warp * kpad, k, kpad, lane);
+  st.teacher_top.store(teacher_keys + warp * kpad, k, kpad, lane);
+  __syncthreads();
+
+  RowStats<acc_t> stats{};  // meaningful in thread 0 only
+  if (warp == 0) {
+    SoftmaxState<acc_t> s = lane < kForwardWarps ? warp_softmax[0][lane] : softmax_empty<acc_t>();
+    SoftmaxState<acc_t> t = lane < kForwardWarps ? warp_softmax[1][lane] : softmax_empty<acc_t>();
+    s = softmax_warp_reduce(s);
+    t = softmax_warp_reduce(t);
+    if (lane == 0) {
+      stats.student_lse = softmax_lse(s);
+      stats.teacher_lse = softmax_lse(t);
+      stats.student_entropy = softmax_entropy(s);
+      stats.teacher_entropy = softmax_entropy(t);
+      if (kFullVocab) {
+        // KL = sum p (z - u)/tau - lse_s + lse_t, with sum p z/tau = max + spread / sum.
+        const acc_t mean_student = s.max + s.spread / s.sum;
+        const acc_t mean_teacher = s.cross / s.sum;
+        stats.full_kl = mean_student - mean_teacher - stats.student_lse + stats.teacher_lse;
+      }
+      row_lse[0] = stats.student_lse;
+      row_lse[1] = stats.teacher_lse;
+    }
+  }
+  // 2c. Merge the per-warp lists (the sort's barriers also publish row_lse).
+  block_sort_descending<acc_t>(student_keys, sort_size, 2);
+
+  // 3. Candidates, [0, k) the student's top-k in rank order, [k, 2k) the teacher's:
+  //    decode the keys, fill short lists, then log p and log q at each id (the top-k
+  //    model's value comes from its key, the other model's logit is gathered) and whether
+  //    the id is in the other list (the union_candidates of row_loss.h, in parallel).
+  for (int i = tid; i < 2 * k; i += kForwardThreads) {
+    const Key key = i < k ? student_keys[i] : teacher_keys[i - k];
+    cand_id[i] = Ops::index(key);  // -1 for an empty key
+    top_value[i] = Ops::value(key);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    fill_if_short(cand_id, top_value, k);
+    fill_if_short(cand_id + k, top_value + k, k);
+  }
+  __syncthreads();
+  const acc_t student_lse = row_lse[0];
+  const acc_t teacher_lse = row_lse[1];
+  for (int i = tid; i < 2 * k; i += kForwardThreads) {
+    const bool from_student = i < k;
+    const int64_t id = cand_id[i];  // in [0, vocab) now
+    const int64_t* other_ids = from_student ? cand_id + k : cand_id;
+    bool in_other = false;
+    for (int j = 0; j < k; ++j) in_other = in_other || other_ids[j] == id;
+    const acc_t own = top_value[i];
+    if (from_student) {
+      cand_log_p[i] = own * inv_tau - student_lse;
+      cand_log_q[i] = E::to_acc(teacher[id]) * inv_tau - teacher_lse;
+    } else {
+      cand_log_p[i] = E::to_acc(student[id]) * inv_tau - student_lse;
+      cand_log_q[i] = own * inv_tau - teacher_lse;
+    }
+    cand_in_student[i] = from_student;
+    cand_in_teacher[i] = from_student ? in_other : true;
+    if (!from_student) teacher_duplicate[i - k] = in_other;
+  }
+  __syncthreads();
+  if (tid != 0) return;
+
+  // Thread 0: drop the teacher entries already listed by the student (in place, in order).
+  int count = k;
+  for (int j = 0; j < k; ++j) {
+    if (teacher_duplicate[j]) continue;
+    cand_id[count] = cand_id[k + j];
+    cand_log_p[count] = cand_log_p[k + j];
+    cand_log_q[count] = cand_log_q[k + j];
+    cand_in_student[count] = false;
+    cand_in_teacher[count] = true;
+    ++count;
+  }
+  if (p.sampled_ids != nullptr) {
+    const int64_t sampled = p.sampled_ids[row];
+    const bool in_range = sampled >= 0 && sampled < vocab;
+    stats.has_sampled = true;
+    stats.sampled_id = in_range ? sampled : int64_t(-1);
+    stats.sampled_log_p =
+        in_range ? E::to_acc(student[sampled]) * inv_tau - student_lse : acc_t(NAN);
+    stats.sampled_log_q =
+        in_range ? E::to_acc(teacher[sampled]) * inv_tau - teacher_lse : acc_t(NAN);
+  }
+  const Candidates<acc_t> cand{count,      cand_id,         cand_log_p,
+                               cand_log_q, cand_in_student, cand_in_teacher};
+  row_metrics(stats, cand, k, out_metrics);
+  const RowResult<acc_t> result =
+      row_loss(p.variant, p.estimator, stats, cand, out_sparse_id, out_sparse_coef);
+  p.loss[row] = result.loss;
+  p.grad_scale[row] = result.grad_scale;
+  p.student_lse[row] = stats.student_lse;
+  p.teacher_lse[row] = stats.teacher_lse;
+}
+
+// ---------------------------------------------------------------------------------------
+// Launcher
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, int kSlots, bool kFullVocab>
+cudaError_t launch_forward_instance(const ForwardParams<scalar_t>& p, int kpad,
+                                    cudaStream_t stream) {
+  using Key = typename TopkKey<typename Element<scalar_t>::acc_t>::type;
+  const size_t smem = size_t(2) * kForwardWarps * kpad * sizeof(Key);
+  opd_forward_kernel<scalar_t, kSlots, kFullVocab>
+      <<<dim3(static_cast<unsigned>(p.rows)), dim3(kForwardThreads), smem, stream>>>(p, kpad);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, int kSlots>
+cudaError_t launch_forward_slots(const ForwardParams<scalar_t>& p, int kpad,
+                                 cudaStream_t stream) {
+  return p.variant == Variant::kFullVocab
+             ? launch_forward_instance<scalar_t, kSlots, true>(p, kpad, stream)
+             : launch_forward_instance<scalar_t, kSlots, false>(p, kpad, stream);
+}
+
+// Runs the forward on `stream`. Needs 1 <= k <= min(vocab, kMaxK), sparse_width >= 2k,
+// vocab <= 2^31 - 1 and rows <= 2^31 - 1 (else cudaErrorInvalidValue); rows == 0 is a no-op.
+template <typename scalar_t>
+cudaError_t launch_opd_forward(const ForwardParams<scalar_t>& p, cudaStream_t stream) {
+  if (p.k < 1 || p.k > kMaxK || p.k > p.vocab || p.sparse_width < 2 * p.k ||
+      p.vocab > int64_t(0x7fffffff) || p.rows < 0 || p.rows > int64_t(0x7fffffff)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rows == 0) return cudaSuccess;
+  int kpad = 1;
+  while (kpad < p.k) kpad <<= 1;
+  if (p.k <= 32) return launch_forward_slots<scalar_t, 1>(p, kpad, stream);
+  if (p.k <= 64) return launch_forward_slots<scalar_t, 2>(p, kpad, stream);
+  return launch_forward_slots<scalar_t, 4>(p, kpad, stream);
+}
+
+}  // namespace kernels
+}  // namespace opd_fast
