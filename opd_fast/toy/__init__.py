@@ -1,0 +1,30 @@
+"""The embedded toy default: a synthetic fact-recall task, a word-level tokenizer and tiny
+Qwen3 student/teacher models, built from scratch on the CPU from a seed and cached.
+
+    from opd_fast.toy import ToyWorldSpec, toy_assets
+    assets = toy_assets(spec=ToyWorldSpec(seed=0), cache_dir=None, progress=True)
+    assets.student_dir, assets.teacher_dir          # HF model dirs (with the tokenizer)
+    assets.teacher("teacher_other_pattern")         # built lazily, then cached
+    assets.train_prompts, assets.eval_prompts       # JSONL {"prompt", "answer", ...}
+    assets.world                                    # world.json + each built model's metrics
+"""
+
+from opd_fast.toy.assets import ToyAssets, default_cache_root, toy_assets
+from opd_fast.toy.spec import (
+    MODEL_NAMES,
+    TEACHER_NAMES,
+    ArchSpec,
+    ToyWorldSpec,
+    TrainSpec,
+)
+
+__all__ = [
+    "MODEL_NAMES",
+    "TEACHER_NAMES",
+    "ArchSpec",
+    "ToyAssets",
+    "ToyWorldSpec",
+    "TrainSpec",
+    "default_cache_root",
+    "toy_assets",
+]
