@@ -1,6 +1,7 @@
-// CUDA implementations of opd_fast::opd_forward / opd_backward: checks (op_checks.h), output
-// allocation (the same as the CPU launcher in ../cpu/opd_cpu.cpp), device guard, current
-// stream and dtype dispatch; the kernels are in ../include/opd_fast/opd_{forward,backward}.cuh.
+// CUDA implementations of opd_fast::opd_forward / opd_backward / row_topk /
+// opd_forward_sparse: checks (op_checks.h), output allocation (the same as the CPU launchers
+// in ../cpu/opd_cpu.cpp), device guard, current stream and dtype dispatch; the kernels are in
+// ../include/opd_fast/opd_{forward,backward,sparse}.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -17,6 +19,7 @@
 #include "../op_checks.h"
 #include "opd_fast/opd_backward.cuh"
 #include "opd_fast/opd_forward.cuh"
+#include "opd_fast/opd_sparse.cuh"
 
 namespace opd_fast {
 namespace {
@@ -145,11 +148,136 @@ at::Tensor opd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& stud
   return grad_student;
 }
 
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_topk_cuda(const at::Tensor& logits,
+                                                                         int64_t k,
+                                                                         double temperature) {
+  TORCH_CHECK(logits.dim() == 2, "opd_fast: logits must be (N, V), got ", logits.sizes());
+  check_logits_dtype(logits, "logits");
+  TORCH_CHECK(k >= 1 && k <= logits.size(1) && k <= kMaxK, "opd_fast: k must be in [1, min(V, ",
+              kMaxK, ")], got k=", k, " with V=", logits.size(1));
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "opd_fast: temperature must be positive and finite, got ", temperature);
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const at::Tensor rows_in = rows_contiguous(logits);
+  const int64_t rows = rows_in.size(0);
+  const int64_t vocab = rows_in.size(1);
+  TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
+              "opd_fast: the CUDA kernels need N and V below 2^31, got ", rows_in.sizes());
+  const auto acc = rows_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = rows_in.options().dtype(acc);
+  at::Tensor ids = at::empty({rows, k}, options.dtype(at::kLong));
+  at::Tensor log_probs = at::empty({rows, k}, options);
+  at::Tensor lse = at::empty({rows}, options);
+  at::Tensor entropy = at::empty({rows}, options);
+  if (rows == 0) return {ids, log_probs, lse, entropy};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(rows_in.device().index());
+
+  dispatch_logits_dtype(rows_in.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    using acc_t = typename kernels::Element<scalar_t>::acc_t;
+    kernels::TopkParams<scalar_t> params{};
+    params.logits = static_cast<const scalar_t*>(rows_in.data_ptr());
+    params.row_stride = rows_in.stride(0);
+    params.rows = rows;
+    params.vocab = vocab;
+    params.k = int(k);
+    params.inv_tau = acc_t(1) / acc_t(temperature);
+    params.ids = ids.data_ptr<int64_t>();
+    params.log_probs = static_cast<acc_t*>(log_probs.data_ptr());
+    params.lse = static_cast<acc_t*>(lse.data_ptr());
+    params.entropy = static_cast<acc_t*>(entropy.data_ptr());
+    C10_CUDA_CHECK(kernels::launch_row_topk(params, stream));
+  });
+  return {ids, log_probs, lse, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+opd_forward_sparse_cuda(const at::Tensor& student_logits, const at::Tensor& student_topk_ids,
+                        const at::Tensor& teacher_topk_ids,
+                        const at::Tensor& teacher_topk_log_probs,
+                        const at::Tensor& teacher_log_probs_at_student,
+                        const at::Tensor& teacher_entropy,
+                        const c10::optional<at::Tensor>& sampled_ids,
+                        const c10::optional<at::Tensor>& teacher_sampled_log_probs,
+                        const c10::optional<at::Tensor>& row_valid, int64_t k,
+                        c10::string_view variant, c10::string_view estimator,
+                        double temperature) {
+  const ForwardPlan plan = plan_forward_sparse(
+      student_logits, student_topk_ids, teacher_topk_ids, teacher_topk_log_probs,
+      teacher_log_probs_at_student, teacher_entropy, sampled_ids, teacher_sampled_log_probs,
+      row_valid, k, std::string(variant), std::string(estimator), temperature);
+  check_cuda(plan.student, "student_logits");
+  const c10::cuda::CUDAGuard device_guard(plan.student.device());
+  const int64_t rows = plan.student.size(0);
+  const int64_t vocab = plan.student.size(1);
+  TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
+              "opd_fast: the CUDA kernels need N and V below 2^31, got ", plan.student.sizes());
+  const auto options = plan.student.options().dtype(plan.acc_dtype);
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor metrics = at::empty({rows, kNumMetrics}, options);
+  at::Tensor student_lse = at::empty({rows}, options);
+  at::Tensor teacher_lse = at::empty({rows}, options);
+  at::Tensor grad_scale = at::empty({rows}, options);
+  at::Tensor sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
+  at::Tensor sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  if (rows == 0) {
+    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  }
+  const at::Tensor student_ids = student_topk_ids.contiguous();
+  const at::Tensor teacher_ids = teacher_topk_ids.contiguous();
+  const at::Tensor teacher_log_q = teacher_topk_log_probs.contiguous();
+  const at::Tensor student_log_q = teacher_log_probs_at_student.contiguous();
+  const at::Tensor entropy = teacher_entropy.contiguous();
+  const at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
+  const at::Tensor sampled_log_q = teacher_sampled_log_probs.has_value()
+                                       ? teacher_sampled_log_probs->contiguous()
+                                       : at::Tensor();
+  const at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.student.device().index());
+
+  dispatch_logits_dtype(plan.student.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    using acc_t = typename kernels::Element<scalar_t>::acc_t;
+    kernels::SparseForwardParams<scalar_t> params{};
+    params.student = static_cast<const scalar_t*>(plan.student.data_ptr());
+    params.student_row_stride = plan.student.stride(0);
+    params.rows = rows;
+    params.vocab = vocab;
+    params.student_topk_ids = student_ids.data_ptr<int64_t>();
+    params.teacher_topk_ids = teacher_ids.data_ptr<int64_t>();
+    params.teacher_topk_log_probs = static_cast<const acc_t*>(teacher_log_q.data_ptr());
+    params.teacher_log_probs_at_student = static_cast<const acc_t*>(student_log_q.data_ptr());
+    params.teacher_entropy = static_cast<const acc_t*>(entropy.data_ptr());
+    params.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    params.teacher_sampled_log_probs =
+        sampled_log_q.defined() ? static_cast<const acc_t*>(sampled_log_q.data_ptr()) : nullptr;
+    params.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+    params.k = plan.k;
+    params.variant = plan.variant;
+    params.estimator = plan.estimator;
+    params.inv_tau = acc_t(1) / acc_t(temperature);
+    params.sparse_width = plan.sparse_width;
+    params.loss = static_cast<acc_t*>(loss.data_ptr());
+    params.metrics = static_cast<acc_t*>(metrics.data_ptr());
+    params.student_lse = static_cast<acc_t*>(student_lse.data_ptr());
+    params.teacher_lse = static_cast<acc_t*>(teacher_lse.data_ptr());
+    params.grad_scale = static_cast<acc_t*>(grad_scale.data_ptr());
+    params.sparse_id = sparse_id.data_ptr<int64_t>();
+    params.sparse_coef = static_cast<acc_t*>(sparse_coef.data_ptr());
+    C10_CUDA_CHECK(kernels::launch_opd_forward_sparse(params, stream));
+  });
+  return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opd_fast, CUDA, m) {
   m.impl("opd_forward", &opd_forward_cuda);
   m.impl("opd_backward", &opd_backward_cuda);
+  m.impl("row_topk", &row_topk_cuda);
+  m.impl("opd_forward_sparse", &opd_forward_sparse_cuda);
 }
 
 }  // namespace opd_fast
