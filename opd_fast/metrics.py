@@ -54,7 +54,9 @@ class PositionProfile:
     def __init__(self, span: int, chunks: int = 8):
         self.span, self.chunks = max(span, 1), chunks
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts = torch.zeros(chunks, dtype=torch.float64)
+        # per metric: NaN tokens are left out (overlap_token_advantage on an empty overlap; a
+        # metric the teacher cannot provide, e.g. entropy_teacher from an OpenAI engine)
+        self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, token_metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
         mask = mask.detach().cpu()
@@ -62,16 +64,18 @@ class PositionProfile:
         offsets = torch.arange(mask.shape[1]).unsqueeze(0) - starts
         chunk = (offsets.clamp_min(0) * self.chunks // self.span).clamp_max(self.chunks - 1)
         chunk = torch.where(mask, chunk, torch.full_like(chunk, self.chunks))  # drop others
-        self.counts += torch.bincount(chunk.flatten(), minlength=self.chunks + 1)[: self.chunks]
         for name, values in token_metrics.items():
-            values = values.detach().cpu().double().nan_to_num(0.0)
+            values = values.detach().cpu().double()
             sums = torch.zeros(self.chunks + 1, dtype=torch.float64)
-            sums.index_add_(0, chunk.flatten(), values.flatten())
+            counts = torch.zeros(self.chunks + 1, dtype=torch.float64)
+            sums.index_add_(0, chunk.flatten(), values.nan_to_num(0.0).flatten())
+            counts.index_add_(0, chunk.flatten(), (~torch.isnan(values)).double().flatten())
             self.sums[name] = self.sums.get(name, 0) + sums[: self.chunks]
+            self.counts[name] = self.counts.get(name, 0) + counts[: self.chunks]
 
     def means(self) -> dict[str, list[float | None]]:
         return {
-            name: [float(s / c) if c > 0 else None for s, c in zip(sums, self.counts)]
+            name: [float(s / c) if c > 0 else None for s, c in zip(sums, self.counts[name])]
             for name, sums in self.sums.items()
         }
 
