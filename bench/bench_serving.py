@@ -285,42 +285,71 @@ def bench_training(args) -> dict:
     if args.steps:
         config["steps"] = args.steps
     folder = tempfile.mkdtemp(prefix="opd-serving-train-")
-    local_wall, local_rows = _train(dict(config, run_dir=os.path.join(folder, "local")))
     server = _Subprocess(paths["teacher"], args.device)
+    pairs = []
     try:
-        remote_wall, remote_rows = _train(
-            dict(config, run_dir=os.path.join(folder, "remote"), teacher_url=server.url)
-        )
+        for repeat in range(args.repeats):  # alternate, so that load drift hits both alike
+            run_dir = os.path.join(folder, f"local-{repeat}")
+            local_wall, local_rows = _train(dict(config, run_dir=run_dir))
+            run_dir = os.path.join(folder, f"remote-{repeat}")
+            remote_wall, remote_rows = _train(dict(config, run_dir=run_dir, teacher_url=server.url))
+            pairs.append((local_wall, local_rows, remote_wall, remote_rows, os.getloadavg()[0]))
+            print(
+                f"pair {repeat}: in-process {local_wall:.1f} s, remote {remote_wall:.1f} s, "
+                f"ratio {remote_wall / local_wall:.3f} (load {pairs[-1][-1]:.1f})",
+                flush=True,
+            )
     finally:
         server.close()
+
+    def numbers(record, prefix=""):
+        """(name, value) of every number in a metrics record, nested ones included."""
+        if isinstance(record, dict):
+            for key, value in record.items():
+                if not any(t in key for t in ("per_s", "seconds", "memory")):
+                    yield from numbers(value, f"{prefix}{key}.")
+        elif isinstance(record, list):
+            for value in record:
+                yield from numbers(value, prefix)
+        elif isinstance(record, (int, float)) and not isinstance(record, bool):
+            yield prefix.rstrip("."), float(record)
+
     differences = {}
-    for local, remote in zip(local_rows, remote_rows):
-        for key, value in local.items():
-            if isinstance(value, float) and not any(
-                t in key for t in ("per_s", "seconds", "memory")
-            ):
-                other = remote.get(key)
-                gap = abs(value - other) / max(abs(value), 1e-12) if other is not None else None
-                if gap is not None:
-                    differences[key] = max(differences.get(key, 0.0), gap)
-    local_steps = sum(r["step_seconds"] for r in local_rows)
-    remote_steps = sum(r["step_seconds"] for r in remote_rows)
+    for _, local_rows, _, remote_rows, _ in pairs:
+        for local, remote in zip(local_rows, remote_rows):
+            for (key, value), (other_key, other) in zip(numbers(local), numbers(remote)):
+                assert key == other_key, (key, other_key)
+                gap = abs(value - other) / max(abs(value), 1e-12)
+                differences[key] = max(differences.get(key, 0.0), gap)
+
+    def teacher_seconds(rows):
+        return sum(r["response_tokens"] / r["teacher_tokens_per_s"] for r in rows)
+
+    runs = [
+        {
+            "in_process_wall_s": local_wall,
+            "remote_wall_s": remote_wall,
+            "wall_ratio": remote_wall / local_wall,
+            "in_process_step_s": sum(r["step_seconds"] for r in local_rows),
+            "remote_step_s": sum(r["step_seconds"] for r in remote_rows),
+            "step_time_ratio": sum(r["step_seconds"] for r in remote_rows)
+            / sum(r["step_seconds"] for r in local_rows),
+            "in_process_teacher_s": teacher_seconds(local_rows),
+            "remote_teacher_s": teacher_seconds(remote_rows),
+            "load_average_after": load,
+        }
+        for local_wall, local_rows, remote_wall, remote_rows, load in pairs
+    ]
     result = {
         "config": {k: v for k, v in config.items() if k not in paths},
-        "steps": len(local_rows),
-        "in_process_wall_s": local_wall,
-        "remote_wall_s": remote_wall,
-        "wall_ratio": remote_wall / local_wall,
-        "in_process_step_s": local_steps,
-        "remote_step_s": remote_steps,
-        "step_time_ratio": remote_steps / local_steps,
-        "in_process_teacher_s": sum(
-            r["response_tokens"] / r["teacher_tokens_per_s"] for r in local_rows
+        "steps": len(pairs[0][1]),
+        "runs": runs,
+        "median_wall_ratio": float(np.median([r["wall_ratio"] for r in runs])),
+        "median_step_time_ratio": float(np.median([r["step_time_ratio"] for r in runs])),
+        "same_steps": all(
+            [r["step"] for r in local] == [r["step"] for r in remote]
+            for _, local, _, remote, _ in pairs
         ),
-        "remote_teacher_s": sum(
-            r["response_tokens"] / r["teacher_tokens_per_s"] for r in remote_rows
-        ),
-        "same_steps": [r["step"] for r in local_rows] == [r["step"] for r in remote_rows],
         "max_relative_metric_difference": differences,
         "target_wall_ratio": 1.3,
     }
@@ -381,6 +410,7 @@ def parse_args(argv=None):
     train = commands.add_parser("train", help="remote vs in-process training wall time")
     train.add_argument("--steps", type=int, default=0, help="0: the recipe's 40")
     train.add_argument("--toy-cache", default=None, help="toy assets cache (default: the usual)")
+    train.add_argument("--repeats", type=int, default=1, help="alternating in-process/remote pairs")
     child = commands.add_parser("serve", help=argparse.SUPPRESS)
     child.add_argument("--model", required=True)
     child.add_argument("--port", type=int, required=True)

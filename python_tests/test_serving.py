@@ -35,7 +35,12 @@ from opd_fast.serving.openai_teacher import SUPPORTED_VARIANTS, OpenAITeacher
 from opd_fast.serving.remote_teacher import RemoteTeacher
 from opd_fast.serving.scorer import Scorer, ServerLimits
 from opd_fast.serving.server import TeacherServer
-from opd_fast.serving.testing import FakeOpenAIServer, free_port, reference_scores
+from opd_fast.serving.testing import (
+    FakeOpenAIServer,
+    assert_close_records,
+    free_port,
+    reference_scores,
+)
 from opd_fast.teacher import LocalTeacher
 from opd_fast.testing import save_tiny_model, tiny_setup, tiny_tokenizer
 from opd_fast.trainer import Trainer
@@ -309,14 +314,7 @@ def _train_records(config_values, teacher=None):
 def _assert_same_training(got, want, skip=()):
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for remote_row, local_row in zip(got, want):
-        assert set(remote_row) == set(local_row)
-        for key, value in local_row.items():
-            if key in skip:
-                continue
-            if isinstance(value, float):
-                assert remote_row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-            else:
-                assert remote_row[key] == value, key
+        assert_close_records(remote_row, local_row, skip, where=f"step {local_row['step']}")
 
 
 @pytest.mark.parametrize(
@@ -721,6 +719,9 @@ def test_openai_adapter_training_matches_in_process(
     unavailable = ("entropy_teacher", "entropy_gap")
     for row in remote:
         assert all(row[name] is None for name in unavailable)  # NaN -> null, not a guess
+        for name in unavailable:
+            if name in row.get("position_profile", {}):
+                assert all(value is None for value in row["position_profile"][name])
     _assert_same_training(remote, local, skip=unavailable)
 
 

@@ -20,7 +20,7 @@ from opd_fast.serving import protocol
 from opd_fast.serving.client import RetryPolicy, TeacherClient, TeacherRequestError
 from opd_fast.serving.scorer import Scorer, ServerLimits
 from opd_fast.serving.server import TeacherServer
-from opd_fast.serving.testing import ServerProcess, reference_scores
+from opd_fast.serving.testing import ServerProcess, assert_close_records, reference_scores
 from opd_fast.testing import tiny_setup
 from opd_fast.trainer import Trainer
 
@@ -193,11 +193,7 @@ def test_server_killed_and_restarted_mid_training(tmp_path, tiny):
     remote, local = _train_rows(str(tmp_path / "remote")), _train_rows(str(tmp_path / "local"))
     assert [r["step"] for r in remote] == [1, 2, 3, 4]
     for got, want in zip(remote, local):
-        for key, value in want.items():
-            if isinstance(value, float):
-                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-            else:
-                assert got[key] == value, key
+        assert_close_records(got, want, where=f"step {want['step']}")
 
 
 def test_bad_requests_among_good_ones_under_concurrency(serve, teacher_model, tiny):

@@ -22,6 +22,24 @@ import torch
 from opd_fast.payload import payload_from_logits
 
 
+def assert_close_records(got, want, skip=(), rel=1e-4, abs_=1e-6, where="record") -> None:
+    """Recursively compare metrics records (dicts, lists, numbers): floats to rel/abs
+    tolerance, everything else exactly; keys in `skip` are ignored at any depth."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, sorted(got), sorted(want))
+        for key, value in want.items():
+            if key not in skip:
+                assert_close_records(got[key], value, skip, rel, abs_, f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for index, (mine, theirs) in enumerate(zip(got, want)):
+            assert_close_records(mine, theirs, skip, rel, abs_, f"{where}[{index}]")
+    elif isinstance(want, float) and not isinstance(got, bool) and got is not None:
+        assert abs(got - want) <= max(abs_, rel * abs(want)), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
