@@ -94,7 +94,7 @@ class ToyWorldSpec:
     teacher_arch: ArchSpec = field(default_factory=ArchSpec)
     large_arch: ArchSpec = field(
         default_factory=lambda: ArchSpec(
-            hidden_size=192, num_layers=3, num_heads=6, num_kv_heads=2, intermediate_size=512
+            hidden_size=192, num_layers=2, num_heads=6, num_kv_heads=2, intermediate_size=512
         )
     )
     student_train: TrainSpec = field(default_factory=TrainSpec)
