@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -259,15 +260,28 @@ def print_row(row: dict) -> None:
 # ---- training: remote vs in-process -----------------------------------------------------------
 
 
-def _train(config_values: dict) -> tuple[float, list[dict]]:
+def _cpu_seconds(pid: int | None = None) -> float:
+    """user + system CPU time of this process (all threads) or of process `pid`."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _train(config_values: dict, server_pid: int | None = None):
+    """(wall s, CPU s of the trainer plus the server, train records) of one run."""
     from opd_fast.config import make_config
     from opd_fast.trainer import Trainer
 
+    cpu = _cpu_seconds() + (_cpu_seconds(server_pid) if server_pid else 0.0)
     started = time.perf_counter()
     trainer = Trainer(make_config(config_values))
     trainer.run()
     wall = time.perf_counter() - started
-    return wall, [r for r in trainer.log.read() if r["kind"] == "train"]
+    cpu = _cpu_seconds() + (_cpu_seconds(server_pid) if server_pid else 0.0) - cpu
+    return wall, cpu, [r for r in trainer.log.read() if r["kind"] == "train"]
 
 
 def bench_training(args) -> dict:
@@ -286,17 +300,21 @@ def bench_training(args) -> dict:
         config["steps"] = args.steps
     folder = tempfile.mkdtemp(prefix="opd-serving-train-")
     server = _Subprocess(paths["teacher"], args.device)
-    pairs = []
+    pairs, cpu_pairs = [], []
     try:
         for repeat in range(args.repeats):  # alternate, so that load drift hits both alike
             run_dir = os.path.join(folder, f"local-{repeat}")
-            local_wall, local_rows = _train(dict(config, run_dir=run_dir))
+            local_wall, local_cpu, local_rows = _train(dict(config, run_dir=run_dir))
             run_dir = os.path.join(folder, f"remote-{repeat}")
-            remote_wall, remote_rows = _train(dict(config, run_dir=run_dir, teacher_url=server.url))
+            remote_wall, remote_cpu, remote_rows = _train(
+                dict(config, run_dir=run_dir, teacher_url=server.url), server.process.pid
+            )
             pairs.append((local_wall, local_rows, remote_wall, remote_rows, os.getloadavg()[0]))
+            cpu_pairs.append((local_cpu, remote_cpu))
             print(
-                f"pair {repeat}: in-process {local_wall:.1f} s, remote {remote_wall:.1f} s, "
-                f"ratio {remote_wall / local_wall:.3f} (load {pairs[-1][-1]:.1f})",
+                f"pair {repeat}: in-process {local_wall:.1f} s ({local_cpu:.1f} CPU s), remote "
+                f"{remote_wall:.1f} s ({remote_cpu:.1f} CPU s), wall ratio "
+                f"{remote_wall / local_wall:.3f} (load {pairs[-1][-1]:.1f})",
                 flush=True,
             )
     finally:
@@ -337,8 +355,14 @@ def bench_training(args) -> dict:
             "in_process_teacher_s": teacher_seconds(local_rows),
             "remote_teacher_s": teacher_seconds(remote_rows),
             "load_average_after": load,
+            "in_process_cpu_s": local_cpu,
+            "remote_cpu_s_trainer_plus_server": remote_cpu,
+            "cpu_ratio": remote_cpu / local_cpu,
         }
-        for local_wall, local_rows, remote_wall, remote_rows, load in pairs
+        for (local_wall, local_rows, remote_wall, remote_rows, load), (
+            local_cpu,
+            remote_cpu,
+        ) in zip(pairs, cpu_pairs)
     ]
     result = {
         "config": {k: v for k, v in config.items() if k not in paths},
@@ -346,6 +370,7 @@ def bench_training(args) -> dict:
         "runs": runs,
         "median_wall_ratio": float(np.median([r["wall_ratio"] for r in runs])),
         "median_step_time_ratio": float(np.median([r["step_time_ratio"] for r in runs])),
+        "median_cpu_ratio": float(np.median([r["cpu_ratio"] for r in runs])),
         "same_steps": all(
             [r["step"] for r in local] == [r["step"] for r in remote]
             for _, local, _, remote, _ in pairs

@@ -211,9 +211,9 @@ def test_server_scores_like_in_process(
     )
 
 
-def test_scoring_in_row_chunks_is_the_same(make_server, scorer, teacher_model, monkeypatch):
-    """The server gathers response-position logits a chunk of rows at a time (bounded
-    memory); one row per chunk gives the same answer."""
+def test_scoring_per_sequence_views_is_the_same(make_server, scorer, teacher_model, monkeypatch):
+    """Large requests are scored on per-sequence views of the logits instead of a gathered
+    copy (bounded memory); the answer is the same."""
     monkeypatch.setattr(scorer, "gather_bytes", 1)
     server = make_server()
     generator = torch.Generator().manual_seed(2)

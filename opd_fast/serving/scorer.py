@@ -213,7 +213,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.max_k = max_k
-        self.gather_bytes = 1 << 28  # response-position logits copied at once, per request
+        self.gather_bytes = 1 << 25  # above: score per-sequence views instead of a gathered copy
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -333,11 +333,22 @@ class Scorer:
             if job.requested_ids is not None:
                 names.append("requested_log_probs")
             parts = {name: [] for name in names}
-            # Gathering the rows copies their logits: a chunk at a time bounds that copy.
-            chunk = max(1, self.gather_bytes // (job.vocab_limit * logits.element_size()))
-            for start in range(0, len(batch_rows), chunk):
-                rows_here = slice(start, start + chunk)
-                job_logits = logits[index_rows[rows_here], index_kept[rows_here], : job.vocab_limit]
+            rows_bytes = len(batch_rows) * job.vocab_limit * logits.element_size()
+            if rows_bytes <= self.gather_bytes:
+                # small: gather the response rows (a copy) and run the top-k pass once
+                pieces = [(logits[index_rows, index_kept, : job.vocab_limit], slice(None))]
+            else:
+                # large: each sequence's response rows are a strided view of the logits (no
+                # copy); row_topk reads rows with any row stride
+                pieces, offset = [], 0
+                for sequence, start in zip(job.sequences, job.response_starts):
+                    count = len(sequence) - start
+                    if count:
+                        row, first = int(batch_rows[offset]), int(kept[offset])
+                        view = logits[row, first : first + count, : job.vocab_limit]
+                        pieces.append((view, slice(offset, offset + count)))
+                    offset += count
+            for job_logits, rows_here in pieces:
                 payload = payload_from_logits(
                     job_logits, requested[rows_here], k, job.temperature, sampled[rows_here]
                 )
