@@ -17,13 +17,15 @@ bytes per response token, and the answer's size as a fraction of fp32 logits at 
 and at V = 151,936 (the issue's target: <= 1% at k = 16).
 
 Training (`train`): the toy demo recipe (opd_fast.recipes.TOY_DEMO, --steps overrides its
-length) once with the teacher in process and once with `teacher_url` pointing at a server
-subprocess; reports both wall times and their ratio (target <= 1.3), the ratio of the summed
-step times (which leaves out the in-process run's extra teacher-accuracy evaluation), and the
-largest difference of each training metric between the runs.
+length) with the teacher in process and with `teacher_url` pointing at a server subprocess
+(started once), alternating --repeats pairs so that load drift hits both alike; reports per
+pair both wall times and their ratio (target <= 1.3), the ratio of the summed step times
+(which leaves out the in-process run's extra teacher-accuracy evaluation), the CPU seconds
+(trainer, plus the server for the remote run: insensitive to other load on the machine), and
+the largest relative difference of every training metric between the runs.
 
     python bench/bench_serving.py score --models toy synthetic
-    python bench/bench_serving.py train --steps 40
+    python bench/bench_serving.py train --repeats 3
 Output: a table and bench/results/serving-<device>-<date>.json (or --out).
 """
 

@@ -509,6 +509,21 @@ def test_unreachable_server_raises_after_bounded_retries():
     assert 0.3 < time.monotonic() - started < 2.0
 
 
+def test_connections_over_the_limit_get_503_and_are_retried(make_server):
+    server = make_server(max_connections=1)
+    holder = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        time.sleep(0.2)  # the held connection owns the only slot
+        status, headers, data = _raw(server.url, "GET", "/health")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert "too many connections" in json.loads(data)["error"]
+        client = TeacherClient(server.url, retry=RetryPolicy(max_elapsed_s=5, max_delay_s=0.2))
+        threading.Timer(0.5, holder.close).start()
+        assert client.health() == {"status": "ok"}  # retried until the slot is free
+    finally:
+        holder.close()
+
+
 def test_idle_keepalive_connection_is_reopened_quietly(make_server, monkeypatch, caplog):
     """The server drops idle keep-alive connections; the client's next request reconnects at
     once, without a retry warning or a backoff delay."""

@@ -36,11 +36,18 @@ class ServerLimits:
     max_batch_sequences: int = 256
     max_batch_tokens: int = 32_768
     max_queue: int = 1024  # requests waiting for the model; more get 503 + Retry-After
+    max_connections: int = 256  # open connections (a thread each); more get 503
     batch_wait_ms: float = 2.0  # how long the first queued request waits for company
     request_timeout_s: float = 600.0  # a request not scored by then gets 503
 
     def __post_init__(self):
-        for name in ("max_request_bytes", "max_seq_len", "max_batch_sequences", "max_queue"):
+        for name in (
+            "max_request_bytes",
+            "max_seq_len",
+            "max_batch_sequences",
+            "max_queue",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"server limits: {name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_tokens < self.max_seq_len:

@@ -12,9 +12,9 @@ and scores them with one padded forward, each request waiting on its own future.
 
 Security defaults: binds 127.0.0.1 unless told otherwise; with a token, every request but
 /health needs `Authorization: Bearer <token>` (constant-time compare) or gets 401. Bodies over
-max_request_bytes get 413 (without being read), requests over the sequence / batch limits or
-with out-of-range values 422, malformed ones 400, a full queue 503 + Retry-After; errors are
-JSON {"error": message, "status": code} and the server keeps serving.
+max_request_bytes get 413 (the body is discarded, never parsed), requests over the sequence /
+batch limits or with out-of-range values 422, malformed ones 400, a full queue 503 +
+Retry-After; errors are JSON {"error": message, "status": code} and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -288,7 +288,34 @@ class _HTTPServer(ThreadingHTTPServer):
         # bodies up to this size are read and dropped before an error answer (see _discard_body)
         self.drain_limit = 4 * limits.max_request_bytes
         self.token = None if token is None else token.encode()
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        """One thread per connection, at most max_connections at once; the next get 503."""
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps({"error": "too many connections; retry", "status": 503}).encode()
+            head = (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+            )
+            try:
+                request.sendall(head.encode() + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request, client_address):
         if self.verbose:
@@ -375,6 +402,7 @@ def add_serve_teacher_parser(commands) -> None:
         ("max_batch_sequences", "sequences per request and per forward"),
         ("max_batch_tokens", "padded tokens per request and per forward"),
         ("max_queue", "queued requests before 503"),
+        ("max_connections", "open connections before 503"),
     ):
         parser.add_argument(
             "--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text
@@ -395,6 +423,7 @@ def serve_teacher(args) -> int:
         max_batch_sequences=args.max_batch_sequences,
         max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
+        max_connections=args.max_connections,
         batch_wait_ms=args.batch_wait_ms,
     )
     if args.host not in LOOPBACK and not args.token:
