@@ -300,6 +300,25 @@ def test_remote_payload_gives_the_dense_loss(server, teacher_model, tokenizer, v
         torch.testing.assert_close(sparse.metrics[name], value, atol=1e-6, rtol=1e-5)
 
 
+def test_remote_payload_splits_batches_to_the_server_limits(make_server, tokenizer):
+    """A batch larger than the server takes per request is sent as several requests (their
+    sizes within the advertised limits); the answer equals the one-request answer."""
+    vocab, k = len(tokenizer), 4
+    generator = torch.Generator().manual_seed(6)
+    lengths, starts = [14, 9, 12, 11, 14, 3], [4, 3, 5, 10, 1, 1]
+    input_ids, attention, response, _ = _padded_batch(generator, vocab, lengths, starts, 14)
+    mask = response[:, 1:]
+    requested = torch.randint(0, vocab, (6, 13, k), generator=generator)
+    args = (input_ids, attention, mask, requested, k, 1.0, vocab)
+    whole = RemoteTeacher(make_server().url).payload(*args)
+    small = make_server(max_batch_sequences=2, max_batch_tokens=26, max_seq_len=14)
+    split = RemoteTeacher(small.url).payload(*args)
+    assert small.batcher.stats["requests"] >= 4
+    for name in ("topk_ids", "topk_log_probs", "requested_log_probs", "sampled_log_probs"):
+        torch.testing.assert_close(getattr(split, name)[mask], getattr(whole, name)[mask])
+    torch.testing.assert_close(split.entropy[mask], whole.entropy[mask])
+
+
 def _train_records(config_values, teacher=None):
     trainer = Trainer(make_config(config_values), teacher=teacher)
     trainer.run()
