@@ -7,6 +7,34 @@ import json
 import os
 
 
+def _load_pair(
+    student_dir: str, teacher_dir: str, device_name: str, seed: int, student_trainable: bool
+):
+    """Seeded (device, tokenizer, student, teacher, shared vocabulary) for a student/teacher
+    pair that must share a tokenizer."""
+    import torch
+
+    from opd_fast.models import (
+        check_tokenizers_match,
+        load_model,
+        load_tokenizer,
+        resolve_attention,
+        resolve_device,
+        resolve_dtype,
+        shared_vocab_size,
+    )
+
+    torch.manual_seed(seed)
+    device = resolve_device(device_name)
+    dtype = resolve_dtype("auto", device)
+    attention = resolve_attention("auto", device)
+    tokenizer = load_tokenizer(student_dir)
+    check_tokenizers_match(tokenizer, load_tokenizer(teacher_dir))
+    student = load_model(student_dir, device, dtype, attention, trainable=student_trainable)
+    teacher = load_model(teacher_dir, device, dtype, attention, trainable=False)
+    return device, tokenizer, student, teacher, shared_vocab_size(student, teacher, tokenizer)
+
+
 def _probe(args) -> int:
     from opd_fast.probe import ProbeSettings, markdown_table, probe, write_probe
 
@@ -31,29 +59,13 @@ def _probe(args) -> int:
 
 
 def _sft(args) -> int:
-    import torch
-
     from opd_fast.data import load_examples
-    from opd_fast.models import (
-        check_tokenizers_match,
-        eos_token_ids,
-        load_model,
-        load_tokenizer,
-        resolve_attention,
-        resolve_device,
-        resolve_dtype,
-        shared_vocab_size,
-    )
+    from opd_fast.models import eos_token_ids
     from opd_fast.sft import SFTSettings, cold_start
 
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    attention = resolve_attention("auto", device)
-    tokenizer = load_tokenizer(args.student)
-    check_tokenizers_match(tokenizer, load_tokenizer(args.teacher))
-    student = load_model(args.student, device, dtype, attention, trainable=True)
-    teacher = load_model(args.teacher, device, dtype, attention, trainable=False)
+    _, tokenizer, student, teacher, vocab = _load_pair(
+        args.student, args.teacher, args.device, args.seed, student_trainable=True
+    )
     settings = SFTSettings(
         responses_per_prompt=args.responses_per_prompt,
         max_new_tokens=args.max_new_tokens,
@@ -62,7 +74,7 @@ def _sft(args) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        vocab_limit=shared_vocab_size(student, teacher, tokenizer),
+        vocab_limit=vocab,
     )
     report = cold_start(
         student,
@@ -123,8 +135,6 @@ def _diagnose(args) -> int:
 
 
 def _diagnose_checkpoint(args) -> dict:
-    import torch
-
     from opd_fast.data import load_examples, render_prompt
     from opd_fast.diagnostics import (
         position_profile,
@@ -132,30 +142,15 @@ def _diagnose_checkpoint(args) -> dict:
         score_rollouts,
         sequence_auroc,
     )
-    from opd_fast.models import (
-        check_tokenizers_match,
-        eos_token_ids,
-        load_model,
-        load_tokenizer,
-        resolve_attention,
-        resolve_device,
-        resolve_dtype,
-        shared_vocab_size,
-    )
+    from opd_fast.models import eos_token_ids
     from opd_fast.rollout import generate
     from opd_fast.teacher import LocalTeacher
 
     if not args.teacher or not args.prompts:
         raise ValueError("diagnosing a checkpoint needs --teacher and --prompts")
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    attention = resolve_attention("auto", device)
-    tokenizer = load_tokenizer(args.student)
-    check_tokenizers_match(tokenizer, load_tokenizer(args.teacher))
-    student = load_model(args.student, device, dtype, attention, trainable=False)
-    teacher_model = load_model(args.teacher, device, dtype, attention, trainable=False)
-    vocab = shared_vocab_size(student, teacher_model, tokenizer)
+    _, tokenizer, student, teacher_model, vocab = _load_pair(
+        args.student, args.teacher, args.device, args.seed, student_trainable=False
+    )
     eos_ids = eos_token_ids(tokenizer, student)
     examples = load_examples(args.prompts)[: args.num_prompts]
     repeated = [e for e in examples for _ in range(args.rollouts)]
