@@ -167,11 +167,15 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def judge(winner: list, loser: list) -> tuple[str, float | None]:
-    """'reproduced' / 'not reproduced' / 'opposite', and the difference of means."""
+    """'reproduced' / 'not reproduced' / 'opposite', and the difference of means. With one
+    seed there is no spread to compare against: only the direction is reported."""
     (mean_w, spread_w), (mean_l, spread_l) = _stats(winner), _stats(loser)
     if mean_w is None or mean_l is None:
         return "undefined (no gap to recover)", None
     difference = mean_w - mean_l
+    if min(len([v for v in winner if v is not None]), len([v for v in loser if v is not None])) < 2:
+        sign = "same direction as" if difference > 0 else "not the direction of"
+        return f"{sign} the paper (1 seed: no spread, not a test)", difference
     if difference > max(spread_w, spread_l) and difference > 0:
         return "reproduced", difference
     if difference < 0 and -difference > max(spread_w, spread_l):

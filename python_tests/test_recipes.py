@@ -179,3 +179,13 @@ def test_cli_probe_and_diagnose(tiny, tmp_path):
         report = json.load(handle)
     assert "prefix_advantage" in report and "position_profile" in report
     assert os.path.exists(os.path.join(diagnose_dir, "position_heatmaps.png"))
+
+
+def test_repro_judge_needs_spread_to_call_a_finding_reproduced():
+    from opd_fast.repro import judge
+
+    assert judge([0.8, 0.7, 0.75], [0.1, 0.2, 0.15])[0] == "reproduced"
+    assert judge([0.8, 0.1, 0.5], [0.4, 0.3, 0.45])[0].startswith("not reproduced")
+    assert judge([0.1, 0.15, 0.12], [0.8, 0.7, 0.75])[0] == "opposite"
+    assert "1 seed" in judge([0.8], [0.1])[0]
+    assert judge([None], [0.1])[0].startswith("undefined")
