@@ -30,6 +30,10 @@ Peak memory above the inputs:
   cuda  torch.cuda.max_memory_allocated() - memory_allocated() before the call, after
         torch.cuda.reset_peak_memory_stats() (the caching allocator's view).
 
+Also per row: the median process CPU time per call (all threads) and, from getrusage, user and
+system time, minor page faults and involuntary context switches per call, and the 1-min load
+average: on a shared machine they tell contention and page-fault cost apart from kernel time.
+
 Baselines are skipped (row status "skipped", with the reason) when their peak memory predicted
 from a smaller N of the same run (linear in N) would not fit, when one call is predicted to take
 longer than --max-call-s, or when --time-budget-s is spent. opd_fast rows always run.
@@ -140,6 +144,10 @@ def make_loss_fn(impl, args):
         return lambda s, t: reference.opd_loss(s, t, **options)[0]
     if impl == "compile":
         torch._dynamo.reset()  # a fresh compilation per config, clear of the recompile limit
+        if getattr(args, "cold_compile", False):
+            from torch._inductor import config as inductor_config
+
+            inductor_config.force_disable_caches = True
         compiled = torch.compile(reference.opd_loss, dynamic=False)
         return lambda s, t: compiled(s, t, **options)[0]
     if impl == "eager_careful":
@@ -452,6 +460,8 @@ def skip_reason(impl, rows, dtype, args, measured, elapsed_s, device, repeats):
     are predicted linear in N from the largest smaller N measured in this run."""
     if impl == "opd_fast":
         return None
+    if impl == "eager_careful" and (args.variant, args.estimator) != ("student_topk", "pg"):
+        return "eager_careful implements variant student_topk with estimator pg only"
     element = torch.empty((), dtype=DTYPES[dtype]).element_size()
     inputs = 2 * rows * args.vocab * element
     smaller = [nearest_smaller(measured, impl, m, dtype, rows) for m in args.modes]
@@ -587,6 +597,42 @@ def format_table(rows_out, peak_gbps):
     return "\n".join(lines)
 
 
+def markdown_table(document):
+    """The rows of a results file as a markdown table (for bench/README.md)."""
+    lines = [
+        f"| impl | mode | N | dtype | median ms | p10 - p90 ms | reps | GB/s | % of "
+        f"{document['peak_gbps']:g} GB/s | peak MiB above inputs (x grad) | opd_fast speed-up "
+        "vs eager / compile / eager_careful | load |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    skipped = {}
+    for row in document["rows"]:
+        key = (row["impl"], row["N"], row["dtype"])
+        if row["status"] != "ok":
+            if skipped.get(key) != row.get("reason"):  # one line for both modes
+                skipped[key] = row.get("reason")
+                lines.append(
+                    f"| {row['impl']} | all | {row['N']} | {row['dtype']} | "
+                    f"{row['status']}: {row.get('reason', '')} ||||||||"
+                )
+            continue
+        ratio = f" ({row['peak_mem_over_grad']:.3f})" if "peak_mem_over_grad" in row else ""
+        speedups = ""
+        if row["impl"] == "opd_fast":
+            speedups = " / ".join(
+                f"{row[f'speedup_vs_{base}']:.1f}x" if f"speedup_vs_{base}" in row else "-"
+                for base in ("eager", "compile", "eager_careful")
+            )
+        lines.append(
+            f"| {row['impl']} | {row['mode']} | {row['N']} | {row['dtype']} | "
+            f"{row['median_ms']:.1f} | {row['p10_ms']:.1f} - {row['p90_ms']:.1f} | "
+            f"{row['repeats']} | {row['eff_gbps']:.2f} | {100 * row['frac_peak']:.1f}% | "
+            f"{row['peak_mem_bytes'] / 2**20:.0f}{ratio} | {speedups} | "
+            f"{row.get('loadavg_1m_before', float('nan')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -663,6 +709,14 @@ def parse_args(argv=None):
         default=None,
         help="one subprocess per (impl, N, dtype) (default: on for cpu)",
     )
+    parser.add_argument(
+        "--cold-compile",
+        action="store_true",
+        help="disable inductor's caches so compile_s is a cold compilation",
+    )
+    parser.add_argument(
+        "--report", default=None, metavar="JSON", help="print a markdown table of a results file"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)"
@@ -688,6 +742,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report is not None:
+        print(markdown_table(json.loads(Path(args.report).read_text())))
+        return 0
     if args.worker is not None:
         rows = run_impl(json.loads(args.worker))
         print("@@ROWS@@" + json.dumps(rows), flush=True)
