@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
+import torch
 
 from opd_fast.toy import ArchSpec, ToyWorldSpec, TrainSpec, data, toy_assets
 from opd_fast.toy import build as toy_build
@@ -20,7 +22,6 @@ TINY = ToyWorldSpec(
     seed=3,
     n_entities=12,
     student_arch=TINY_ARCH,
-    teacher_arch=TINY_ARCH,
     large_arch=TINY_ARCH,
     student_train=TINY_TRAIN,
     teacher_train=TINY_TRAIN,
@@ -70,6 +71,9 @@ def test_patterns_and_phrasing():
     assert chain[0] == "is" and other[0] != "is"
     assert abs(sum(chain_p) - 1) < 1e-9 and chain_p == other_p
     assert len(set(chain[:16]) & set(other[:16])) == 8
+    drifted, drifted_p = synonyms(spec, "chain", "is", spec.teacher_phrasing_shift)
+    assert drifted_p == chain_p and drifted[: 24 - 4] == chain[4:]
+    assert len(set(chain[:16]) & set(drifted[:16])) == 12
     words = set(vocabulary(spec))
     for canonical in ("is", ".", "plus"):
         assert set(synonyms(spec, "chain", canonical)[0]) <= words
@@ -141,6 +145,22 @@ def test_build_is_deterministic_cached_and_lazy(tmp_path, monkeypatch):
     assert set(accuracy) >= {"all", "student_known", "student_unknown"}
     with pytest.raises(ValueError, match="unknown toy model"):
         first.teacher("no_such_teacher")
+
+
+def test_teachers_are_post_trained_from_the_student(tmp_path):
+    # A negligible learning rate leaves the post-trained teacher at the student's weights.
+    spec = dataclasses.replace(
+        TINY, teacher_train=TrainSpec(steps=1, batch_size=4, lr=1e-12, warmup_steps=1)
+    )
+    assets = toy_assets(spec, cache_dir=str(tmp_path), progress=False)
+    student, teacher = _weights(assets.student_dir), _weights(assets.teacher_dir)
+    assert all(torch.allclose(student[key], teacher[key], atol=1e-6) for key in student)
+    models = assets.world["models"]
+    assert models["teacher"]["init_from"] == "student"
+    assert models["teacher"]["phrasing_shift"] == spec.teacher_phrasing_shift
+    assert models["student"]["init_from"] is None
+    with pytest.raises(ValueError, match="teacher_phrasing_shift"):
+        dataclasses.replace(TINY, teacher_phrasing_shift=TINY.synonyms_per_slot)
 
 
 def test_models_load_with_auto_classes(tmp_path):

@@ -102,12 +102,15 @@ class ToyAssets:
         return self.model_dir(name)
 
     def model_dir(self, name: str) -> str:
-        """Directory of model `name` (one of MODEL_NAMES), built on first use."""
-        self.spec.recipe(name)  # validates the name
+        """Directory of model `name` (one of MODEL_NAMES), built on first use (after the model
+        it is post-trained from, if any)."""
+        recipe = self.spec.recipe(name)  # validates the name
         target = os.path.join(self.root, name)
         if not os.path.isdir(target):
             from opd_fast.toy.build import build_model
 
+            if recipe.init_from is not None:
+                self.model_dir(recipe.init_from)
             _atomic_dir(
                 target, lambda tmp: build_model(self.spec, self.root, name, tmp, self.progress)
             )
@@ -154,6 +157,8 @@ def _build_base(spec: ToyWorldSpec, tmp: str) -> None:
         "student_known": [entity_name(e) for e in facts.student_known],
         "knows": knows,
         "patterns": {name: spec.recipe(name).pattern for name in MODEL_NAMES},
+        "phrasing_shifts": {name: spec.recipe(name).phrasing_shift for name in MODEL_NAMES},
+        "init_from": {name: spec.recipe(name).init_from for name in MODEL_NAMES},
         "example_responses": {
             p: data.response_text(0, 4, facts.values[0], p) for p in data.PATTERNS
         },

@@ -31,7 +31,8 @@ def model_seed(spec: ToyWorldSpec, name: str) -> int:
 
 def build_model(spec: ToyWorldSpec, root: str, name: str, out_dir: str, progress: bool) -> dict:
     """Train model `name` of the world rooted at `root` and save it (weights as safetensors,
-    tokenizer, generation config, toy_model.json with its metrics) into `out_dir`."""
+    tokenizer, generation config, toy_model.json with its metrics) into `out_dir`. A recipe with
+    `init_from` starts from that model's saved weights, which must already be built."""
     started = time.perf_counter()
     recipe = spec.recipe(name)
     seed = model_seed(spec, name)
@@ -43,9 +44,13 @@ def build_model(spec: ToyWorldSpec, root: str, name: str, out_dir: str, progress
         recipe.knows,
         recipe.pattern,
         recipe.train.steps * recipe.train.batch_size,
+        recipe.phrasing_shift,
     )
     ids, labels = models.encode_examples(tokenizer, stream)
-    model = models.new_model(recipe.arch, tokenizer, seed)
+    if recipe.init_from is None:
+        model = models.new_model(recipe.arch, tokenizer, seed)
+    else:
+        model = models.load_base_model(os.path.join(root, recipe.init_from))
     final_loss = models.train_model(
         model, ids, labels, recipe.train, seed, progress=progress, description=f"toy {name}"
     )
@@ -58,6 +63,8 @@ def build_model(spec: ToyWorldSpec, root: str, name: str, out_dir: str, progress
         "name": name,
         "knows": recipe.knows,
         "pattern": recipe.pattern,
+        "phrasing_shift": recipe.phrasing_shift,
+        "init_from": recipe.init_from,
         "arch": recipe.arch.__dict__,
         "train": recipe.train.__dict__,
         "seed": seed,

@@ -87,16 +87,18 @@ def response_text(
     pattern: str,
     spec: ToyWorldSpec | None = None,
     rng: random.Random | None = None,
+    phrasing_shift: int = 0,
 ) -> str:
     """The worked answer in `pattern`, without <eos>. Connective slots take their canonical
-    word, or a Zipf-drawn synonym when `spec` and `rng` are given."""
+    word, or a Zipf-drawn synonym (ranking rotated by `phrasing_shift`) when `spec` and `rng`
+    are given."""
     if pattern not in PATTERNS:
         raise ValueError(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
 
     def slot(canonical: str) -> str:
         if rng is None or spec is None:
             return canonical
-        words, probs = synonyms(spec, pattern, canonical)
+        words, probs = synonyms(spec, pattern, canonical, phrasing_shift)
         return rng.choices(words, probs)[0]
 
     name, total = entity_name(entity), value + operand
@@ -137,14 +139,20 @@ def repeat_text(entity: int) -> tuple[str, str]:
 
 
 def training_stream(
-    spec: ToyWorldSpec, facts: Facts, knows: str, pattern: str, count: int
+    spec: ToyWorldSpec,
+    facts: Facts,
+    knows: str,
+    pattern: str,
+    count: int,
+    phrasing_shift: int = 0,
 ) -> list[tuple[str, str]]:
     """`count` (prompt, response) training examples drawn with replacement, with fresh synonym
     draws, from a pool holding each (entity, operand) worked example of the entities this model
     knows (non-held-out operands only) once and every entity's repeat example
-    `spec.repeat_copies` times. Seeded by the world seed, `knows` and `pattern` alone: models
-    with the same knowledge and pattern (student, teacher_same_pipeline) see the same stream."""
-    rng = random.Random(f"toy-stream-{spec.seed}-{knows}-{pattern}")
+    `spec.repeat_copies` times. Seeded by the world seed, `knows`, `pattern` and
+    `phrasing_shift` alone: models with the same knowledge and phrasing (student,
+    teacher_same_pipeline) see the same stream."""
+    rng = random.Random(f"toy-stream-{spec.seed}-{knows}-{pattern}-{phrasing_shift}")
     pool: list[tuple[int, int]] = list(train_pairs(spec, facts, facts.known_by(knows)))
     pool += [(e, -1) for e in range(spec.n_entities) for _ in range(spec.repeat_copies)]
     examples = []
@@ -153,7 +161,8 @@ def training_stream(
         if operand < 0:
             examples.append(repeat_text(entity))
         else:
-            response = response_text(entity, operand, facts.values[entity], pattern, spec, rng)
+            value = facts.values[entity]
+            response = response_text(entity, operand, value, pattern, spec, rng, phrasing_shift)
             examples.append((prompt_text(entity, operand), response))
     return examples
 

@@ -1,4 +1,4 @@
-"""Tiny Qwen3 models of the toy world: configs, from-scratch training, quick evaluation.
+"""Tiny Qwen3 models of the toy world: configs, training, quick evaluation.
 
 Everything runs on the CPU in float32 and is deterministic for a given seed, torch build and
 thread count (the build pins the thread count, see `BUILD_THREADS`).
@@ -68,6 +68,15 @@ def new_model(arch: ArchSpec, tokenizer, seed: int):
         pad_token_id=tokenizer.pad_token_id,
     )
     return model
+
+
+def load_base_model(model_dir: str):
+    """A built toy model (float32, CPU) to post-train from."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        raise ValueError(f"base model not built: {model_dir}")
+    return AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
 
 
 def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,9 @@ uncertainty over tens of tokens at those positions, so a top-16 set carries prob
 Both patterns use the same synonym sets (a teacher of the other pattern still "reads" the
 student's words) but rank them differently: the "other" pattern's ranking is the chain ranking
 rotated by half the set, so its favourite words are the chain pattern's mid-ranked ones (top-16
-sets share 8 of 16 words when synonyms_per_slot = 24).
+sets share 8 of 16 words when synonyms_per_slot = 24). A `shift` rotates a pattern's ranking
+further: the matched teacher's drifted phrasing (spec.teacher_phrasing_shift = 4 keeps 12 of
+its 16 favourite words in the student's top 16, in another order).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ def fillers_needed(spec: ToyWorldSpec) -> int:
     return len(SLOTS) * (spec.synonyms_per_slot - 1)
 
 
-def synonyms(spec: ToyWorldSpec, pattern: str, canonical: str) -> tuple[list[str], list[float]]:
-    """(words, probabilities) of the slot `canonical` as written by `pattern`, most likely
-    first."""
+def synonyms(
+    spec: ToyWorldSpec, pattern: str, canonical: str, shift: int = 0
+) -> tuple[list[str], list[float]]:
+    """(words, probabilities) of the slot `canonical` as written by `pattern` with its ranking
+    rotated by `shift`, most likely first."""
     group = SLOTS.index(canonical)
     extra = spec.synonyms_per_slot - 1
     words = [canonical] + [filler_word(group * extra + i) for i in range(extra)]
@@ -40,6 +44,8 @@ def synonyms(spec: ToyWorldSpec, pattern: str, canonical: str) -> tuple[list[str
         words = words[half:] + words[:half]
     elif pattern != "chain":
         raise ValueError(f"unknown pattern {pattern!r}")
+    shift %= len(words)
+    words = words[shift:] + words[:shift]
     weights = [(rank + 1) ** -spec.synonym_zipf for rank in range(len(words))]
     total = sum(weights)
     return words, [w / total for w in weights]

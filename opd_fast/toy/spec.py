@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Names of the models the world can build. "student" and "teacher" are built eagerly;
 # the other teachers only when asked for.
@@ -40,7 +40,7 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """From-scratch training schedule (AdamW, linear warmup then cosine decay to 10%)."""
+    """Training schedule (AdamW, linear warmup then cosine decay to 10%)."""
 
     steps: int = 250
     batch_size: int = 128
@@ -56,6 +56,9 @@ class ModelRecipe:
 
     knows: "subset" (the student's entities only) or "all" entities.
     pattern: the response format ("thinking pattern") it is trained to write.
+    phrasing_shift: ranks by which its synonym preferences are rotated against the pattern's
+        (see opd_fast.toy.phrasing); 0 writes the pattern's own phrasing.
+    init_from: the model whose weights it starts from (post-training), or None (from scratch).
     """
 
     knows: str
@@ -63,6 +66,8 @@ class ModelRecipe:
     arch: ArchSpec
     train: TrainSpec
     seed_offset: int
+    phrasing_shift: int = 0
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,15 @@ class ToyWorldSpec:
     the student knows every entity name (and can copy it) without knowing its value.
     Connective words of the responses are drawn from `synonyms_per_slot` synonyms with Zipf
     exponent `synonym_zipf` (see opd_fast.toy.phrasing); 1 synonym makes responses deterministic.
+
+    The student is trained from scratch. The teachers "teacher" and "teacher_other_pattern" are
+    post-trained from the student's weights on every entity (`teacher_train`), the way a teacher
+    with extra training of the same family is: they share the student's base, so tokens the
+    task does not decide are ranked alike. The matched teacher's phrasing drifted in that
+    post-training (`teacher_phrasing_shift`: its synonym preferences are rotated by that many
+    ranks), so the top-k sets differ where the wording is free as well as where knowledge is
+    missing; the other-pattern teacher writes another format. teacher_same_pipeline is a larger
+    model trained from scratch on exactly the student's data.
     """
 
     seed: int = 0
@@ -91,14 +105,17 @@ class ToyWorldSpec:
     synonym_zipf: float = 1.5
     min_vocab_size: int = 512
     student_arch: ArchSpec = field(default_factory=ArchSpec)
-    teacher_arch: ArchSpec = field(default_factory=ArchSpec)
     large_arch: ArchSpec = field(
         default_factory=lambda: ArchSpec(
             hidden_size=192, num_layers=2, num_heads=6, num_kv_heads=2, intermediate_size=512
         )
     )
     student_train: TrainSpec = field(default_factory=TrainSpec)
-    teacher_train: TrainSpec = field(default_factory=TrainSpec)
+    # Post-training of the teachers that start from the student's weights.
+    teacher_train: TrainSpec = field(
+        default_factory=lambda: TrainSpec(steps=150, lr=1e-3, warmup_steps=10)
+    )
+    teacher_phrasing_shift: int = 4
 
     def __post_init__(self) -> None:
         if self.n_entities < 2 or self.n_values < 2 or self.n_operands < 2:
@@ -111,6 +128,8 @@ class ToyWorldSpec:
             raise ValueError("repeat_copies must be >= 0")
         if not 0 < self.eval_operands_per_entity < self.n_operands:
             raise ValueError("eval_operands_per_entity must be in [1, n_operands)")
+        if not 0 <= self.teacher_phrasing_shift < self.synonyms_per_slot:
+            raise ValueError("teacher_phrasing_shift must be in [0, synonyms_per_slot)")
         if self.n_entities > 10_000:
             raise ValueError("n_entities must be at most 10000 (entity names have 4 digits)")
 
@@ -118,9 +137,17 @@ class ToyWorldSpec:
         """Training recipe of the model called `name` (one of MODEL_NAMES)."""
         recipes = {
             STUDENT: ModelRecipe("subset", "chain", self.student_arch, self.student_train, 1),
-            TEACHER: ModelRecipe("all", "chain", self.teacher_arch, self.teacher_train, 2),
+            TEACHER: ModelRecipe(
+                "all",
+                "chain",
+                self.student_arch,
+                self.teacher_train,
+                2,
+                phrasing_shift=self.teacher_phrasing_shift,
+                init_from=STUDENT,
+            ),
             TEACHER_OTHER_PATTERN: ModelRecipe(
-                "all", "other", self.teacher_arch, self.teacher_train, 3
+                "all", "other", self.student_arch, self.teacher_train, 3, init_from=STUDENT
             ),
             TEACHER_SAME_PIPELINE: ModelRecipe(
                 "subset", "chain", self.large_arch, self.student_train, 4
@@ -136,7 +163,7 @@ class ToyWorldSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ToyWorldSpec:
         data = dict(data)
-        for key in ("student_arch", "teacher_arch", "large_arch"):
+        for key in ("student_arch", "large_arch"):
             if isinstance(data.get(key), dict):
                 data[key] = ArchSpec(**data[key])
         for key in ("student_train", "teacher_train"):
