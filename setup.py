@@ -66,8 +66,7 @@ def _extension():
             define_macros=[("OPD_FAST_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", version_macro]
-                + _gencode_flags(),
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", version_macro] + _gencode_flags(),
             },
             extra_link_args=["-fopenmp"],
         )
