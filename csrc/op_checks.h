@@ -1,9 +1,10 @@
-// Argument checks and parsing shared by the CPU and CUDA launchers of the opd_fast ops.
-// The Python wrapper checks first with friendlier messages; these keep direct torch.ops
-// callers from ever reaching a kernel with shapes that would read out of bounds.
+// Argument checks, parsing and output allocation shared by the CPU and CUDA launchers of the
+// opd_fast ops. The Python wrapper checks first with friendlier messages; these keep direct
+// torch.ops callers from ever reaching a kernel with shapes that would read out of bounds.
 #pragma once
 
 #include <string>
+#include <tuple>
 
 #include <ATen/ATen.h>
 
@@ -141,6 +142,58 @@ inline ForwardPlan plan_forward_sparse(
                     values.scalar_type() == plan.acc_dtype && values.device() == student.device(),
                 "opd_fast: teacher_sampled_log_probs must be (N,) ", plan.acc_dtype);
   }
+  return plan;
+}
+
+// The seven outputs of opd_forward / opd_forward_sparse, allocated for `rows` rows.
+struct ForwardOutputTensors {
+  at::Tensor loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef;
+
+  ForwardOutputTensors(int64_t rows, const ForwardPlan& plan) {
+    const auto options = plan.student.options().dtype(plan.acc_dtype);
+    loss = at::empty({rows}, options);
+    metrics = at::empty({rows, kNumMetrics}, options);
+    student_lse = at::empty({rows}, options);
+    teacher_lse = at::empty({rows}, options);
+    grad_scale = at::empty({rows}, options);
+    sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
+    sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  as_tuple() const {
+    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  }
+};
+
+// row_topk: checked logits (rows contiguous) and its four outputs.
+struct RowTopkPlan {
+  at::Tensor logits;
+  int k;
+  at::Tensor ids, log_probs, lse, entropy;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {ids, log_probs, lse, entropy};
+  }
+};
+
+inline RowTopkPlan plan_row_topk(const at::Tensor& logits, int64_t k, double temperature) {
+  TORCH_CHECK(logits.dim() == 2, "opd_fast: logits must be (N, V), got ", logits.sizes());
+  check_logits_dtype(logits, "logits");
+  TORCH_CHECK(k >= 1 && k <= logits.size(1) && k <= kMaxK, "opd_fast: k must be in [1, min(V, ",
+              kMaxK, ")], got k=", k, " with V=", logits.size(1));
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "opd_fast: temperature must be positive and finite, got ", temperature);
+  RowTopkPlan plan;
+  plan.logits = rows_contiguous(logits);
+  plan.k = int(k);
+  const int64_t rows = plan.logits.size(0);
+  const auto acc = plan.logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = plan.logits.options().dtype(acc);
+  plan.ids = at::empty({rows, k}, options.dtype(at::kLong));
+  plan.log_probs = at::empty({rows, k}, options);
+  plan.lse = at::empty({rows}, options);
+  plan.entropy = at::empty({rows}, options);
   return plan;
 }
 

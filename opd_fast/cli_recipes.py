@@ -18,6 +18,7 @@ def _load_pair(
         check_tokenizers_match,
         load_model,
         load_tokenizer,
+        output_rows,
         resolve_attention,
         resolve_device,
         resolve_dtype,
@@ -32,7 +33,8 @@ def _load_pair(
     check_tokenizers_match(tokenizer, load_tokenizer(teacher_dir))
     student = load_model(student_dir, device, dtype, attention, trainable=student_trainable)
     teacher = load_model(teacher_dir, device, dtype, attention, trainable=False)
-    return device, tokenizer, student, teacher, shared_vocab_size(student, teacher, tokenizer)
+    vocab = shared_vocab_size(output_rows(student), output_rows(teacher), tokenizer)
+    return device, tokenizer, student, teacher, vocab
 
 
 def _probe(args) -> int:

@@ -94,16 +94,20 @@ def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:
     )
 
 
-def shared_vocab_size(student_model, teacher_model, tokenizer) -> int:
-    """Logit columns both models share. Embedding tables are often padded past the tokenizer
-    (e.g. 151,936 vs 152,064): that padding is dropped; anything else is an error."""
-    student_size = student_model.get_output_embeddings().weight.shape[0]
-    teacher_size = teacher_model.get_output_embeddings().weight.shape[0]
-    shared = min(student_size, teacher_size)
+def output_rows(model) -> int:
+    """Rows of a model's output embedding (its logit columns)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def shared_vocab_size(student_rows: int, teacher_rows: int, tokenizer) -> int:
+    """Logit columns both models share, from their output row counts (a remote teacher reports
+    its own). Embedding tables are often padded past the tokenizer (e.g. 151,936 vs 152,064):
+    that padding is dropped; anything else is an error."""
+    shared = min(student_rows, teacher_rows)
     if shared < len(tokenizer):
         raise ValueError(
             f"vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but the student has "
-            f"{student_size} and the teacher {teacher_size} output rows"
+            f"{student_rows} and the teacher {teacher_rows} output rows"
         )
     return shared
 

@@ -21,6 +21,7 @@ from opd_fast.models import (
     eos_token_ids,
     load_model,
     load_tokenizer,
+    output_rows,
     resolve_attention,
     resolve_device,
     resolve_dtype,
@@ -77,7 +78,7 @@ def probe(
         check_tokenizers_match(tokenizer, load_tokenizer(teacher_dir))
         teacher_model = load_model(teacher_dir, device, dtype, attention, trainable=False)
         teacher = LocalTeacher(teacher_model, batch_size=16)
-        vocab = shared_vocab_size(student, teacher_model, tokenizer)
+        vocab = shared_vocab_size(output_rows(student), output_rows(teacher_model), tokenizer)
         for template in templates:
             torch.manual_seed(settings.seed)  # every teacher sees the same student rollouts
             prompts = [render_prompt(e, template, tokenizer) for e in repeated]

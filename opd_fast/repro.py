@@ -192,9 +192,12 @@ def _fmt(mean, spread) -> str:
 def write_report(
     results: dict[str, list[dict]], out_dir: str, seeds: int, wall: float, world: dict
 ) -> str:
+    run_minutes = sum(r.get("wall_seconds", 0.0) for rows in results.values() for r in rows) / 60
     lines = ["# OPD findings on the embedded toy world", ""]
     lines += [
-        f"Seeds per run: {seeds}. Wall time: {wall / 60:.1f} min. Values are mean ± "
+        f"Seeds per run: {seeds}. Wall time of the invocation that wrote this report: "
+        f"{wall / 60:.1f} min (runs finished by an earlier invocation are reused, not re-timed); "
+        f"the training runs' own wall times add up to {run_minutes:.1f} min. Values are mean ± "
         "standard deviation over seeds. Grid fixed in opd_fast/repro.py before running.",
         "",
         "## Runs",
@@ -230,16 +233,26 @@ def write_report(
         "| | finding | metric | ours (winner vs loser) | paper's direction | verdict |",
         "|---|---|---|---|---|---|",
     ]
+    seen_instead = []
     for key, finding, winner, loser, metric, paper in FINDINGS:
         if winner not in results or loser not in results:
             continue
         win = [r.get(metric) for r in results[winner]]
         lose = [r.get(metric) for r in results[loser]]
-        verdict, _ = judge(win, lose)
+        verdict, difference = judge(win, lose)
         lines.append(
             f"| ({key}) | {finding} | {metric} | {winner} {_fmt(*_stats(win))} vs "
             f"{loser} {_fmt(*_stats(lose))} | {paper} | {verdict} |"
         )
+        if verdict != "reproduced" and difference is not None:
+            spread = max(_stats(win)[1], _stats(lose)[1])
+            seen_instead.append(
+                f"- ({key}) {finding}: the paper expects run {winner} above run {loser} in "
+                f"{metric}; we saw {_fmt(*_stats(win))} and {_fmt(*_stats(lose))}, a "
+                f"difference of {difference:+.3f} against a seed spread of up to {spread:.3f}."
+            )
+    if seen_instead:
+        lines += ["", "## Not reproduced: what we saw instead", "", *seen_instead]
     lines += [
         "",
         "Notes:",
@@ -248,7 +261,8 @@ def write_report(
         "teacher), hence (b) compares the accuracy gain.",
         "- For the cold-start runs, 'acc before' is the student before SFT and 'acc at "
         "OPD start' after it: part of their gain comes from the SFT itself.",
-        f"- Toy world: {json.dumps(world.get('spec', {}))[:400]}",
+        f"- Toy world {world.get('key', '?')} (format {world.get('format_version', '?')}); its "
+        "full spec is in repro.json.",
     ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "repro.md"), "w") as handle:
@@ -298,7 +312,13 @@ def run_repro(out_dir: str = "runs/repro", quick: bool = False, seeds: int | Non
     wall = time.perf_counter() - started
     with open(os.path.join(out_dir, "repro.json"), "w") as handle:
         json.dump(
-            {"seeds": seeds, "quick": quick, "wall_seconds": wall, "results": results},
+            {
+                "seeds": seeds,
+                "quick": quick,
+                "wall_seconds": wall,
+                "world": {key: assets.world.get(key) for key in ("key", "format_version", "spec")},
+                "results": results,
+            },
             handle,
             indent=2,
         )

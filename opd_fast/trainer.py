@@ -31,9 +31,11 @@ from opd_fast.models import (
     eos_token_ids,
     load_model,
     load_tokenizer,
+    output_rows,
     resolve_attention,
     resolve_device,
     resolve_dtype,
+    shared_vocab_size,
 )
 from opd_fast.ops import row_topk
 from opd_fast.plots import plot_dynamics
@@ -139,7 +141,9 @@ class Trainer:
                 "config: variant 'full_vocab' needs the teacher's full logits; a remote teacher "
                 "returns top-k payloads (use student_topk, overlap_topk, ...)"
             )
-        self.vocab = self._shared_vocab()
+        self.vocab = shared_vocab_size(
+            output_rows(self.student), self.teacher.vocab_size, self.tokenizer
+        )
         if config.k > self.vocab:
             raise ValueError(f"config: k={config.k} is larger than the vocabulary ({self.vocab})")
 
@@ -159,17 +163,6 @@ class Trainer:
         self.log = MetricsLog(os.path.join(config.run_dir, "metrics.jsonl"))
         self.step = 0
         self.wall_before = 0.0  # wall time of earlier (resumed-from) sessions
-
-    def _shared_vocab(self) -> int:
-        student_rows = self.student.get_output_embeddings().weight.shape[0]
-        teacher_rows = self.teacher.vocab_size
-        shared = min(student_rows, teacher_rows)
-        if shared < len(self.tokenizer):
-            raise ValueError(
-                f"vocabulary mismatch: tokenizer has {len(self.tokenizer)} tokens, student "
-                f"{student_rows} and teacher {teacher_rows} output rows"
-            )
-        return shared
 
     # ---- evaluation -------------------------------------------------------------------
 

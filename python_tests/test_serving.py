@@ -35,6 +35,7 @@ from opd_fast.serving.openai_teacher import SUPPORTED_VARIANTS, OpenAITeacher
 from opd_fast.serving.remote_teacher import RemoteTeacher
 from opd_fast.serving.scorer import Scorer, ServerLimits
 from opd_fast.serving.server import TeacherServer
+from opd_fast.serving.spans import ScoredSpan, scored_spans
 from opd_fast.serving.testing import (
     FakeOpenAIServer,
     assert_close_records,
@@ -165,6 +166,21 @@ def test_malformed_frames_raise(mutate, message):
     body = protocol.encode_frame({}, {"a": np.arange(4, dtype=np.int32)})
     with pytest.raises(protocol.ProtocolError, match=message):
         protocol.decode_frame(mutate(body))
+
+
+def test_scored_spans_cover_real_tokens_through_the_last_scored_successor():
+    attention = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    mask = np.zeros((3, 5), bool)
+    mask[0, 2:4] = True  # left-padded row: tokens 1..5, scores 2..3, sends 1..4
+    mask[1, 1:3] = True  # right-padded row: scores 1..2, sends 0..3
+    assert scored_spans(attention, mask) == [ScoredSpan(0, 1, 5, 2), ScoredSpan(1, 0, 4, 1)]
+    holes = attention.copy()
+    holes[0, 3] = False
+    with pytest.raises(ValueError, match="row 0's attention_mask is not one contiguous run"):
+        scored_spans(holes, mask)
+    mask[1, 3] = True  # scores position 3, whose successor 4 is padding
+    with pytest.raises(ValueError, match=r"row 1 scores positions 1\.\.3 outside its tokens"):
+        scored_spans(attention, mask)
 
 
 def test_payload_bytes_per_token_under_one_percent_of_logits():

@@ -243,6 +243,17 @@ def test_padded_teacher_vocabulary_uses_shared_part(tmp_path, tiny):
     assert trainer.teacher.vocab_size == trainer.vocab + 64
 
 
+def test_shared_vocab_size_drops_padding_and_names_a_real_mismatch():
+    from opd_fast.models import shared_vocab_size
+
+    tokenizer = tiny_tokenizer()
+    rows = len(tokenizer)
+    assert shared_vocab_size(rows, rows + 128, tokenizer) == rows
+    assert shared_vocab_size(rows + 64, rows + 128, tokenizer) == rows + 64
+    with pytest.raises(ValueError, match=f"tokenizer has {rows} tokens.*student has {rows - 1}"):
+        shared_vocab_size(rows - 1, rows + 128, tokenizer)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny):
     run_dir = str(tmp_path / "run")
     config = make_config({**tiny, **TINY_RUN, "steps": 6, "run_dir": run_dir})

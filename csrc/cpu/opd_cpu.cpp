@@ -42,32 +42,13 @@ void advise_huge_pages(const at::Tensor& t) {
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The seven outputs of opd_forward / opd_forward_sparse.
-struct ForwardOutputTensors {
-  at::Tensor loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef;
-
-  ForwardOutputTensors(int64_t rows, const ForwardPlan& plan) {
-    const auto options = plan.student.options().dtype(plan.acc_dtype);
-    loss = at::empty({rows}, options);
-    metrics = at::empty({rows, kNumMetrics}, options);
-    student_lse = at::empty({rows}, options);
-    teacher_lse = at::empty({rows}, options);
-    grad_scale = at::empty({rows}, options);
-    sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
-    sparse_coef = at::empty({rows, plan.sparse_width}, options);
-  }
-
-  cpu::ForwardOutputs pointers() {
-    return cpu::ForwardOutputs{int(sparse_id.size(1)), loss.data_ptr(), metrics.data_ptr(),
-                               student_lse.data_ptr(), teacher_lse.data_ptr(),
-                               grad_scale.data_ptr(), sparse_id.data_ptr<int64_t>(),
-                               sparse_coef.data_ptr()};
-  }
-
-  ForwardResult as_tuple() const {
-    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
-  }
-};
+cpu::ForwardOutputs output_pointers(ForwardOutputTensors& outputs) {
+  return cpu::ForwardOutputs{int(outputs.sparse_id.size(1)),  outputs.loss.data_ptr(),
+                             outputs.metrics.data_ptr(),      outputs.student_lse.data_ptr(),
+                             outputs.teacher_lse.data_ptr(),  outputs.grad_scale.data_ptr(),
+                             outputs.sparse_id.data_ptr<int64_t>(),
+                             outputs.sparse_coef.data_ptr()};
+}
 
 // Rows are ~V exps each; a grain of a few rows keeps threads busy without much overhead.
 constexpr int64_t kRowGrain = 4;
@@ -97,7 +78,7 @@ ForwardResult opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor
   args.variant = plan.variant;
   args.estimator = plan.estimator;
   args.temperature = temperature;
-  args.out = outputs.pointers();
+  args.out = output_pointers(outputs);
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::forward_rows(args, begin, end);
   });
@@ -146,35 +127,24 @@ at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_topk_cpu(const at::Tensor& logits,
                                                                         int64_t k,
                                                                         double temperature) {
-  TORCH_CHECK(logits.dim() == 2, "opd_fast: logits must be (N, V), got ", logits.sizes());
-  check_logits_dtype(logits, "logits");
-  TORCH_CHECK(k >= 1 && k <= logits.size(1) && k <= kMaxK, "opd_fast: k must be in [1, min(V, ",
-              kMaxK, ")], got k=", k, " with V=", logits.size(1));
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "opd_fast: temperature must be positive and finite, got ", temperature);
-  const at::Tensor rows_in = rows_contiguous(logits);
+  const RowTopkPlan plan = plan_row_topk(logits, k, temperature);
+  const at::Tensor& rows_in = plan.logits;
   const int64_t rows = rows_in.size(0);
-  const auto acc = rows_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto options = rows_in.options().dtype(acc);
-  at::Tensor ids = at::empty({rows, k}, options.dtype(at::kLong));
-  at::Tensor log_probs = at::empty({rows, k}, options);
-  at::Tensor lse = at::empty({rows}, options);
-  at::Tensor entropy = at::empty({rows}, options);
   cpu::TopkArgs args{};
   args.dtype = element_type(rows_in.scalar_type());
   args.logits = rows_in.data_ptr();
   args.row_stride = rows_in.stride(0);
   args.vocab = rows_in.size(1);
-  args.k = int(k);
+  args.k = plan.k;
   args.temperature = temperature;
-  args.ids = ids.data_ptr<int64_t>();
-  args.log_probs = log_probs.data_ptr();
-  args.lse = lse.data_ptr();
-  args.entropy = entropy.data_ptr();
+  args.ids = plan.ids.data_ptr<int64_t>();
+  args.log_probs = plan.log_probs.data_ptr();
+  args.lse = plan.lse.data_ptr();
+  args.entropy = plan.entropy.data_ptr();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::topk_rows(args, begin, end);
   });
-  return {ids, log_probs, lse, entropy};
+  return plan.as_tuple();
 }
 
 ForwardResult opd_forward_sparse_cpu(
@@ -218,7 +188,7 @@ ForwardResult opd_forward_sparse_cpu(
   args.variant = plan.variant;
   args.estimator = plan.estimator;
   args.temperature = temperature;
-  args.out = outputs.pointers();
+  args.out = output_pointers(outputs);
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::sparse_forward_rows(args, begin, end);
   });

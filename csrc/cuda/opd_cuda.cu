@@ -1,6 +1,6 @@
 // CUDA implementations of opd_fast::opd_forward / opd_backward / row_topk /
-// opd_forward_sparse: checks (op_checks.h), output allocation (the same as the CPU launchers
-// in ../cpu/opd_cpu.cpp), device guard, current stream and dtype dispatch; the kernels are in
+// opd_forward_sparse: device guard, current stream and dtype dispatch around the checks and
+// output allocation shared with the CPU launchers (../op_checks.h); the kernels are in
 // ../include/opd_fast/opd_{forward,backward,sparse}.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../op_checks.h"
 #include "opd_fast/opd_backward.cuh"
@@ -42,6 +43,19 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "opd_fast: ", name, " must be a CUDA tensor, got ", t.device());
 }
 
+// Output pointers of ForwardParams / SparseForwardParams.
+template <typename Params>
+void point_at_outputs(Params& params, ForwardOutputTensors& out) {
+  using acc_t = std::remove_pointer_t<decltype(params.loss)>;
+  params.loss = static_cast<acc_t*>(out.loss.data_ptr());
+  params.metrics = static_cast<acc_t*>(out.metrics.data_ptr());
+  params.student_lse = static_cast<acc_t*>(out.student_lse.data_ptr());
+  params.teacher_lse = static_cast<acc_t*>(out.teacher_lse.data_ptr());
+  params.grad_scale = static_cast<acc_t*>(out.grad_scale.data_ptr());
+  params.sparse_id = out.sparse_id.data_ptr<int64_t>();
+  params.sparse_coef = static_cast<acc_t*>(out.sparse_coef.data_ptr());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 opd_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                  const c10::optional<at::Tensor>& sampled_ids,
@@ -56,18 +70,11 @@ opd_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_log
   const int64_t vocab = plan.student.size(1);
   TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
               "opd_fast: the CUDA kernels need N and V below 2^31, got ", plan.student.sizes());
-  const auto options = plan.student.options().dtype(plan.acc_dtype);
-  at::Tensor loss = at::empty({rows}, options);
-  at::Tensor metrics = at::empty({rows, kNumMetrics}, options);
-  at::Tensor student_lse = at::empty({rows}, options);
-  at::Tensor teacher_lse = at::empty({rows}, options);
-  at::Tensor grad_scale = at::empty({rows}, options);
-  at::Tensor sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
-  at::Tensor sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  ForwardOutputTensors out(rows, plan);
   at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
   at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
   if (rows == 0) {
-    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+    return out.as_tuple();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.student.device().index());
 
@@ -88,16 +95,10 @@ opd_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_log
     params.estimator = plan.estimator;
     params.inv_tau = acc_t(1) / acc_t(temperature);
     params.sparse_width = plan.sparse_width;
-    params.loss = static_cast<acc_t*>(loss.data_ptr());
-    params.metrics = static_cast<acc_t*>(metrics.data_ptr());
-    params.student_lse = static_cast<acc_t*>(student_lse.data_ptr());
-    params.teacher_lse = static_cast<acc_t*>(teacher_lse.data_ptr());
-    params.grad_scale = static_cast<acc_t*>(grad_scale.data_ptr());
-    params.sparse_id = sparse_id.data_ptr<int64_t>();
-    params.sparse_coef = static_cast<acc_t*>(sparse_coef.data_ptr());
+    point_at_outputs(params, out);
     C10_CUDA_CHECK(kernels::launch_opd_forward(params, stream));
   });
-  return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  return out.as_tuple();
 }
 
 at::Tensor opd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
@@ -148,30 +149,18 @@ at::Tensor opd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& stud
   return grad_student;
 }
 
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_topk_cuda(const at::Tensor& logits,
                                                                          int64_t k,
                                                                          double temperature) {
-  TORCH_CHECK(logits.dim() == 2, "opd_fast: logits must be (N, V), got ", logits.sizes());
-  check_logits_dtype(logits, "logits");
-  TORCH_CHECK(k >= 1 && k <= logits.size(1) && k <= kMaxK, "opd_fast: k must be in [1, min(V, ",
-              kMaxK, ")], got k=", k, " with V=", logits.size(1));
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "opd_fast: temperature must be positive and finite, got ", temperature);
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const at::Tensor rows_in = rows_contiguous(logits);
+  const RowTopkPlan plan = plan_row_topk(logits, k, temperature);
+  const at::Tensor& rows_in = plan.logits;
   const int64_t rows = rows_in.size(0);
   const int64_t vocab = rows_in.size(1);
   TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
               "opd_fast: the CUDA kernels need N and V below 2^31, got ", rows_in.sizes());
-  const auto acc = rows_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto options = rows_in.options().dtype(acc);
-  at::Tensor ids = at::empty({rows, k}, options.dtype(at::kLong));
-  at::Tensor log_probs = at::empty({rows, k}, options);
-  at::Tensor lse = at::empty({rows}, options);
-  at::Tensor entropy = at::empty({rows}, options);
-  if (rows == 0) return {ids, log_probs, lse, entropy};
+  if (rows == 0) return plan.as_tuple();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(rows_in.device().index());
 
   dispatch_logits_dtype(rows_in.scalar_type(), [&](auto element) {
@@ -182,15 +171,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_topk_cuda(const a
     params.row_stride = rows_in.stride(0);
     params.rows = rows;
     params.vocab = vocab;
-    params.k = int(k);
+    params.k = plan.k;
     params.inv_tau = acc_t(1) / acc_t(temperature);
-    params.ids = ids.data_ptr<int64_t>();
-    params.log_probs = static_cast<acc_t*>(log_probs.data_ptr());
-    params.lse = static_cast<acc_t*>(lse.data_ptr());
-    params.entropy = static_cast<acc_t*>(entropy.data_ptr());
+    params.ids = plan.ids.data_ptr<int64_t>();
+    params.log_probs = static_cast<acc_t*>(plan.log_probs.data_ptr());
+    params.lse = static_cast<acc_t*>(plan.lse.data_ptr());
+    params.entropy = static_cast<acc_t*>(plan.entropy.data_ptr());
     C10_CUDA_CHECK(kernels::launch_row_topk(params, stream));
   });
-  return {ids, log_probs, lse, entropy};
+  return plan.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -214,16 +203,9 @@ opd_forward_sparse_cuda(const at::Tensor& student_logits, const at::Tensor& stud
   const int64_t vocab = plan.student.size(1);
   TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
               "opd_fast: the CUDA kernels need N and V below 2^31, got ", plan.student.sizes());
-  const auto options = plan.student.options().dtype(plan.acc_dtype);
-  at::Tensor loss = at::empty({rows}, options);
-  at::Tensor metrics = at::empty({rows, kNumMetrics}, options);
-  at::Tensor student_lse = at::empty({rows}, options);
-  at::Tensor teacher_lse = at::empty({rows}, options);
-  at::Tensor grad_scale = at::empty({rows}, options);
-  at::Tensor sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
-  at::Tensor sparse_coef = at::empty({rows, plan.sparse_width}, options);
+  ForwardOutputTensors out(rows, plan);
   if (rows == 0) {
-    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+    return out.as_tuple();
   }
   const at::Tensor student_ids = student_topk_ids.contiguous();
   const at::Tensor teacher_ids = teacher_topk_ids.contiguous();
@@ -259,16 +241,10 @@ opd_forward_sparse_cuda(const at::Tensor& student_logits, const at::Tensor& stud
     params.estimator = plan.estimator;
     params.inv_tau = acc_t(1) / acc_t(temperature);
     params.sparse_width = plan.sparse_width;
-    params.loss = static_cast<acc_t*>(loss.data_ptr());
-    params.metrics = static_cast<acc_t*>(metrics.data_ptr());
-    params.student_lse = static_cast<acc_t*>(student_lse.data_ptr());
-    params.teacher_lse = static_cast<acc_t*>(teacher_lse.data_ptr());
-    params.grad_scale = static_cast<acc_t*>(grad_scale.data_ptr());
-    params.sparse_id = sparse_id.data_ptr<int64_t>();
-    params.sparse_coef = static_cast<acc_t*>(sparse_coef.data_ptr());
+    point_at_outputs(params, out);
     C10_CUDA_CHECK(kernels::launch_opd_forward_sparse(params, stream));
   });
-  return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -47,6 +47,7 @@ import torch
 
 from opd_fast.payload import TeacherPayload
 from opd_fast.serving.client import HttpTransport, RetryPolicy, TeacherProtocolError
+from opd_fast.serving.spans import scored_spans
 
 logger = logging.getLogger("opd_fast.serving")
 
@@ -256,17 +257,7 @@ class OpenAITeacher:
         requested_log_probs = np.full(shape + (k,), np.nan, np.float32)
         sampled_log_probs = np.zeros(shape, np.float32)
         entropy = np.full(shape, np.nan, np.float32)
-        spans = []
-        for row in range(batch):
-            scored = np.flatnonzero(mask[row])
-            if scored.size == 0:
-                continue
-            real = np.flatnonzero(attention[row])
-            begin, end = int(real[0]), int(real[-1]) + 1
-            first, last = int(scored[0]), int(scored[-1])
-            if real.size != end - begin or first < begin or last + 2 > end:
-                raise ValueError(f"payload: row {row}'s masks are not one run of real tokens")
-            spans.append((row, begin, last + 2, first))
+        spans = scored_spans(attention, mask)
         for start in range(0, len(spans), self.max_sequences_per_request):
             group = spans[start : start + self.max_sequences_per_request]
             tables = self._score(

@@ -15,6 +15,7 @@ import torch
 from opd_fast.payload import TeacherPayload
 from opd_fast.serving import protocol
 from opd_fast.serving.client import RetryPolicy, TeacherClient
+from opd_fast.serving.spans import scored_spans
 
 
 class RemoteTeacher:
@@ -71,8 +72,8 @@ class RemoteTeacher:
         max_bytes = int(self.limits["max_request_bytes"]) - 65_536  # room for the header
         group, longest, size = [], 0, 0
         for span in spans:
-            length = span[2] - span[1]
-            positions = span[2] - 1 - span[3]
+            length = span.end - span.begin
+            positions = span.end - 1 - span.first
             if length > int(self.limits["max_seq_len"]):
                 raise ValueError(
                     f"a sequence of {length} tokens exceeds the teacher server's max_seq_len "
@@ -122,23 +123,7 @@ class RemoteTeacher:
                 f"{(batch, length - 1, k)}, got {mask.shape} and {tuple(requested.shape)}"
             )
         requested_np = requested.numpy()
-        # Per sequence: the span [begin, end) of real tokens sent and the first scored position.
-        spans = []
-        for row in range(batch):
-            scored = np.flatnonzero(mask[row])
-            if scored.size == 0:
-                continue
-            real = np.flatnonzero(attention[row])
-            begin, end = int(real[0]), int(real[-1]) + 1
-            if real.size != end - begin:
-                raise ValueError(f"payload: row {row}'s attention_mask is not one contiguous run")
-            first, last = int(scored[0]), int(scored[-1])
-            if first < begin or last + 2 > end:
-                raise ValueError(
-                    f"payload: row {row} scores positions {first}..{last} outside its tokens "
-                    f"{begin}..{end - 1}"
-                )
-            spans.append((row, begin, last + 2, first))  # send tokens begin .. last + 1
+        spans = scored_spans(attention, mask)
 
         shape = (batch, length - 1)
         acc = torch.float64 if self.info.get("dtype") == "float64" else torch.float32

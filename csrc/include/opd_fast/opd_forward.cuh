@@ -288,6 +288,47 @@ __device__ __forceinline__ void consume_vector_range(StreamState<acc_t, kSlots>&
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// First and last steps of every forward kernel (ForwardParams or SparseForwardParams)
+// ---------------------------------------------------------------------------------------
+
+// The row's sparse gradient list starts empty (id -1); a row left out by row_valid gets zeros.
+// Returns whether the row is computed (block-uniform). Every thread calls it.
+template <typename Params>
+__device__ __forceinline__ bool start_forward_row(const Params& p, int64_t row, int tid) {
+  int64_t* sparse_id = p.sparse_id + row * p.sparse_width;
+  auto* sparse_coef = p.sparse_coef + row * p.sparse_width;
+  for (int i = tid; i < p.sparse_width; i += kForwardThreads) {
+    sparse_id[i] = -1;
+    sparse_coef[i] = 0;
+  }
+  if (p.row_valid == nullptr || p.row_valid[row]) return true;
+  if (tid < kNumMetrics) p.metrics[row * kNumMetrics + tid] = 0;
+  if (tid == 0) {
+    p.loss[row] = 0;
+    p.student_lse[row] = 0;
+    p.teacher_lse[row] = 0;
+    p.grad_scale[row] = 0;
+  }
+  return false;
+}
+
+// Thread 0, once the row's statistics and union candidates are known: metrics, loss and the
+// gradient coefficients (row_loss.h), and the row outputs.
+template <typename Params, typename acc_t>
+__device__ __forceinline__ void finish_forward_row(const Params& p, int64_t row,
+                                                   const RowStats<acc_t>& stats,
+                                                   const Candidates<acc_t>& cand) {
+  row_metrics(stats, cand, p.k, p.metrics + row * kNumMetrics);
+  const RowResult<acc_t> result =
+      row_loss(p.variant, p.estimator, stats, cand, p.sparse_id + row * p.sparse_width,
+               p.sparse_coef + row * p.sparse_width);
+  p.loss[row] = result.loss;
+  p.grad_scale[row] = result.grad_scale;
+  p.student_lse[row] = stats.student_lse;
+  p.teacher_lse[row] = stats.teacher_lse;
+}
+
 // One CTA per row; see the top of this file. Dynamic shared memory: 2 * kForwardWarps * kpad
 // keys (kpad = k rounded up to a power of two, <= 32 * kSlots).
 template <typename scalar_t, int kSlots, bool kFullVocab>
@@ -317,23 +358,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   const int k = p.k;
   const acc_t inv_tau = p.inv_tau;
 
-  int64_t* out_sparse_id = p.sparse_id + row * p.sparse_width;
-  acc_t* out_sparse_coef = p.sparse_coef + row * p.sparse_width;
-  acc_t* out_metrics = p.metrics + row * kNumMetrics;
-  for (int i = tid; i < p.sparse_width; i += kForwardThreads) {
-    out_sparse_id[i] = -1;
-    out_sparse_coef[i] = 0;
-  }
-  if (p.row_valid != nullptr && !p.row_valid[row]) {  // block-uniform
-    if (tid < kNumMetrics) out_metrics[tid] = 0;
-    if (tid == 0) {
-      p.loss[row] = 0;
-      p.student_lse[row] = 0;
-      p.teacher_lse[row] = 0;
-      p.grad_scale[row] = 0;
-    }
-    return;
-  }
+  if (!start_forward_row(p, row, tid)) return;  // block-uniform
 
   const scalar_t* __restrict__ student = p.student + row * p.student_row_stride;
   const scalar_t* __restrict__ teacher = p.teacher + row * p.teacher_row_stride;
@@ -453,13 +478,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   }
   const Candidates<acc_t> cand{count,      cand_id,         cand_log_p,
                                cand_log_q, cand_in_student, cand_in_teacher};
-  row_metrics(stats, cand, k, out_metrics);
-  const RowResult<acc_t> result =
-      row_loss(p.variant, p.estimator, stats, cand, out_sparse_id, out_sparse_coef);
-  p.loss[row] = result.loss;
-  p.grad_scale[row] = result.grad_scale;
-  p.student_lse[row] = stats.student_lse;
-  p.teacher_lse[row] = stats.teacher_lse;
+  finish_forward_row(p, row, stats, cand);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -231,23 +231,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   const int k = p.k;
   const acc_t inv_tau = p.inv_tau;
 
-  int64_t* out_sparse_id = p.sparse_id + row * p.sparse_width;
-  acc_t* out_sparse_coef = p.sparse_coef + row * p.sparse_width;
-  acc_t* out_metrics = p.metrics + row * kNumMetrics;
-  for (int i = tid; i < p.sparse_width; i += kForwardThreads) {
-    out_sparse_id[i] = -1;
-    out_sparse_coef[i] = 0;
-  }
-  if (p.row_valid != nullptr && !p.row_valid[row]) {  // block-uniform
-    if (tid < kNumMetrics) out_metrics[tid] = 0;
-    if (tid == 0) {
-      p.loss[row] = 0;
-      p.student_lse[row] = 0;
-      p.teacher_lse[row] = 0;
-      p.grad_scale[row] = 0;
-    }
-    return;
-  }
+  if (!start_forward_row(p, row, tid)) return;  // block-uniform
 
   const scalar_t* __restrict__ student = p.student + row * p.student_row_stride;
   SingleStream<acc_t, 1> st;
@@ -288,13 +272,7 @@ __global__ void __launch_bounds__(kForwardThreads)
       cand_in_student, cand_in_teacher);
   const Candidates<acc_t> cand{count,      cand_id,         cand_log_p,
                                cand_log_q, cand_in_student, cand_in_teacher};
-  row_metrics(stats, cand, k, out_metrics);
-  const RowResult<acc_t> result =
-      row_loss(p.variant, p.estimator, stats, cand, out_sparse_id, out_sparse_coef);
-  p.loss[row] = result.loss;
-  p.grad_scale[row] = result.grad_scale;
-  p.student_lse[row] = stats.student_lse;
-  p.teacher_lse[row] = stats.teacher_lse;
+  finish_forward_row(p, row, stats, cand);
 }
 
 // ---------------------------------------------------------------------------------------
