@@ -1,0 +1,603 @@
+"""Check the CUDA kernels without a GPU: compile their source for the host with an emulation of
+the CUDA features they use (emu_prelude.h: a std::thread per CUDA thread, real barriers for
+__syncthreads and the warp intrinsics) and compare every output with the CPU op, case by case.
+
+    python tools/cuda_emulator/check.py            # all cases (a few minutes on 2 cores)
+    python tools/cuda_emulator/check.py --quick    # one case per group
+
+Needs g++ with C++20 (<barrier>), the CUDA headers ($CUDA_HOME/include, default /usr/local/cuda)
+and an installed opd_fast (its CPU op is the reference). It checks the kernels' arithmetic,
+indexing, alignment handling and barrier discipline, not their speed or the launch code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+import opd_fast  # noqa: F401  (registers the ops)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADERS = os.path.join(HERE, "..", "..", "csrc", "include", "opd_fast")
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+VARIANTS = [
+    "student_topk",
+    "teacher_topk",
+    "overlap_topk",
+    "nonoverlap_topk",
+    "union_topk",
+    "full_vocab",
+    "sampled_token",
+]
+INF, NAN = float("inf"), float("nan")
+ops = torch.ops.opd_fast
+
+
+def host_headers(out_dir: str) -> str:
+    """The kernel headers with what the host cannot compile replaced: dynamic shared memory
+    becomes a static buffer and the <<<...>>> launchers are dropped."""
+    target = os.path.join(out_dir, "opd_fast")
+    os.makedirs(target)
+    launchers = {"opd_forward.cuh": "// Launcher", "opd_backward.cuh": "// Runs the backward"}
+    launchers["opd_sparse.cuh"] = "// Launchers"
+    for name in os.listdir(HEADERS):
+        with open(os.path.join(HEADERS, name)) as handle:
+            text = handle.read()
+        for smem in ("dynamic_smem", "topk_smem"):
+            text = text.replace(
+                f"extern __shared__ __align__(16) unsigned char {smem}[];",
+                f"unsigned char* {smem} = g_dynamic_smem;",
+            )
+        if name in launchers:
+            begin = text.index(launchers[name])
+            text = text[:begin] + "\n" + text[text.index("}  // namespace kernels") :]
+        with open(os.path.join(target, name), "w") as handle:
+            handle.write(text)
+    return out_dir
+
+
+def build(work: str) -> dict[str, str]:
+    include = host_headers(os.path.join(work, "include"))
+    cuda = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    binaries = {}
+    for name in ("forward_harness", "sparse_harness"):
+        binary = os.path.join(work, name)
+        command = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{HERE}", f"-I{include}"]
+        command += [f"-I{cuda}", os.path.join(HERE, f"{name}.cpp"), "-o", binary]
+        subprocess.run(command, check=True)
+        binaries[name] = binary
+    return binaries
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    size = tensor.element_size()
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    return tensor.contiguous().view(view).numpy().tobytes()
+
+
+class Reader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, count: int, dtype) -> torch.Tensor:
+        array = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.pos)
+        self.pos += count * np.dtype(dtype).itemsize
+        return torch.from_numpy(array.copy())
+
+
+def harness(binary: str, work: str, payload: bytes) -> Reader | None:
+    case_in, case_out = os.path.join(work, "case.bin"), os.path.join(work, "out.bin")
+    with open(case_in, "wb") as handle:
+        handle.write(payload)
+    result = subprocess.run([binary, case_in, case_out], capture_output=True, text=True)
+    if result.returncode != 0:
+        print("  harness failed:", result.stderr[-1000:])
+        return None
+    with open(case_out, "rb") as handle:
+        return Reader(handle.read())
+
+
+def close(name, what, got, want, tol) -> bool:
+    if got.dtype == torch.int64:
+        ok = torch.equal(got, want)
+    else:
+        ok = bool(
+            torch.isclose(got.double(), want.double(), rtol=tol, atol=tol, equal_nan=True).all()
+        )
+    if not ok:
+        print(f"  MISMATCH {name} {what}: got {got.flatten()[:6]} want {want.flatten()[:6]}")
+    return ok
+
+
+def forward_case(
+    binaries,
+    work,
+    student,
+    teacher,
+    k,
+    variant,
+    estimator,
+    temperature,
+    sampled=None,
+    valid=None,
+    s_off=0,
+    s_pad=0,
+    t_off=0,
+    t_pad=0,
+    g_off=0,
+    name="",
+):
+    """Forward and backward kernels vs the CPU op. Logits sit at element offsets (s_off,
+    t_off) in padded rows (s_pad, t_pad) and the gradient at g_off, to vary alignment."""
+    rows, vocab = student.shape
+    dtype = student.dtype
+    s_big = torch.zeros(rows * (vocab + s_pad) + s_off + 8, dtype=dtype)
+    s_view = s_big[s_off : s_off + rows * (vocab + s_pad)].view(rows, vocab + s_pad)[:, :vocab]
+    s_view.copy_(student)
+    t_big = torch.zeros(rows * (vocab + t_pad) + t_off + 8, dtype=dtype)
+    t_view = t_big[t_off : t_off + rows * (vocab + t_pad)].view(rows, vocab + t_pad)[:, :vocab]
+    t_view.copy_(teacher)
+    forward = ops.opd_forward(s_view, t_view, sampled, valid, k, variant, estimator, temperature)
+    loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef = forward
+    acc = loss.dtype
+    grad_loss = torch.randn(rows, dtype=acc)
+    grad_loss[::3] = 0
+    full = variant == "full_vocab"
+    grad_want = ops.opd_backward(
+        grad_loss,
+        s_view,
+        t_view,
+        student_lse,
+        grad_scale,
+        sparse_id,
+        sparse_coef,
+        temperature,
+        full,
+    )
+    width = 2 * k
+    header = [DTYPE_CODES[dtype], rows, vocab, k, VARIANTS.index(variant)]
+    header += [int(estimator == "exact"), int(sampled is not None), int(valid is not None)]
+    header += [s_off, vocab + s_pad, t_off, vocab + t_pad, s_big.numel(), t_big.numel(), width]
+    header += [int(full), g_off]
+    payload = struct.pack("<17q", *header) + struct.pack("<d", temperature)
+    payload += raw(s_big) + raw(t_big)
+    payload += (
+        (sampled if sampled is not None else torch.zeros(rows, dtype=torch.long)).numpy().tobytes()
+    )
+    flags = valid if valid is not None else torch.ones(rows, dtype=torch.bool)
+    payload += flags.numpy().astype(np.uint8).tobytes()
+    for tensor in (grad_loss, student_lse, grad_scale):
+        payload += tensor.numpy().tobytes()
+    payload += sparse_id.numpy().tobytes() + sparse_coef.numpy().tobytes()
+    out = harness(binaries["forward_harness"], work, payload)
+    if out is None:
+        return False
+    np_acc = np.float64 if acc == torch.float64 else np.float32
+    got = [
+        out.take(rows, np_acc),
+        out.take(rows * 10, np_acc).reshape(rows, 10),
+        out.take(rows, np_acc),
+        out.take(rows, np_acc),
+        out.take(rows, np_acc),
+        out.take(rows * width, np.int64).reshape(rows, width),
+        out.take(rows * width, np_acc).reshape(rows, width),
+    ]
+    raw_grad = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[student.element_size()]
+    grad = out.take(rows * vocab, raw_grad).view(dtype).reshape(rows, vocab)
+    tol = 1e-9 if acc == torch.float64 else 2e-5
+    names = [
+        "loss",
+        "metrics",
+        "student_lse",
+        "teacher_lse",
+        "grad_scale",
+        "sparse_id",
+        "sparse_coef",
+    ]
+    ok = all([close(name, what, g, w, tol) for what, g, w in zip(names, got, forward)])
+    grad_tol = {torch.float32: 2e-5, torch.float64: 1e-9, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+    ok = close(name, "grad", grad, grad_want, grad_tol[dtype]) and ok
+    return ok
+
+
+def sparse_case(
+    binaries,
+    work,
+    student,
+    teacher,
+    k,
+    variant,
+    estimator,
+    temperature,
+    sampled=None,
+    valid=None,
+    corrupt=False,
+    name="",
+):
+    """Sparse-teacher forward and row_topk kernels vs the CPU ops, on a payload built from the
+    teacher's logits (corrupt: out-of-range teacher ids, as a broken server might send)."""
+    rows, vocab = student.shape
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    student_ids, student_log_p, student_lse, student_entropy = ops.row_topk(student, k, temperature)
+    teacher_ids, teacher_log_q, teacher_lse, teacher_entropy = ops.row_topk(teacher, k, temperature)
+    log_q = teacher.to(acc) / temperature - teacher_lse[:, None]
+    log_q_at_student = log_q.gather(1, student_ids)
+    if corrupt:
+        teacher_ids = teacher_ids.clone()
+        teacher_ids[0, 0], teacher_ids[-1, 1] = vocab + 5, -3
+    sampled_log_q = None
+    if sampled is not None:
+        sampled_log_q = log_q.gather(1, sampled.clamp(0, vocab - 1)[:, None])[:, 0]
+    want = ops.opd_forward_sparse(
+        student,
+        student_ids,
+        teacher_ids,
+        teacher_log_q,
+        log_q_at_student,
+        teacher_entropy,
+        sampled,
+        sampled_log_q,
+        valid,
+        k,
+        variant,
+        estimator,
+        temperature,
+    )
+    header = [DTYPE_CODES[student.dtype], rows, vocab, k, VARIANTS.index(variant)]
+    header += [int(estimator == "exact"), int(sampled is not None), int(valid is not None)]
+    payload = struct.pack("<8q", *header) + struct.pack("<d", temperature)
+    payload += raw(student) + student_ids.numpy().tobytes() + teacher_ids.numpy().tobytes()
+    for tensor in (teacher_log_q, log_q_at_student, teacher_entropy):
+        payload += tensor.numpy().tobytes()
+    payload += (
+        (sampled if sampled is not None else torch.zeros(rows, dtype=torch.long)).numpy().tobytes()
+    )
+    payload += (
+        (sampled_log_q if sampled_log_q is not None else torch.zeros(rows, dtype=acc))
+        .numpy()
+        .tobytes()
+    )
+    flags = valid if valid is not None else torch.ones(rows, dtype=torch.bool)
+    payload += flags.numpy().astype(np.uint8).tobytes()
+    out = harness(binaries["sparse_harness"], work, payload)
+    if out is None:
+        return False
+    np_acc = np.float64 if acc == torch.float64 else np.float32
+    width = 2 * k
+    got = [
+        out.take(rows, np_acc),
+        out.take(rows * 10, np_acc).reshape(rows, 10),
+        out.take(rows, np_acc),
+        out.take(rows, np_acc),
+        out.take(rows, np_acc),
+        out.take(rows * width, np.int64).reshape(rows, width),
+        out.take(rows * width, np_acc).reshape(rows, width),
+    ]
+    topk = [
+        out.take(rows * k, np.int64).reshape(rows, k),
+        out.take(rows * k, np_acc).reshape(rows, k),
+        out.take(rows, np_acc),
+        out.take(rows, np_acc),
+    ]
+    tol = 1e-9 if acc == torch.float64 else 2e-5
+    names = [
+        "loss",
+        "metrics",
+        "student_lse",
+        "teacher_lse",
+        "grad_scale",
+        "sparse_id",
+        "sparse_coef",
+    ]
+    ok = all([close(name, what, g, w, tol) for what, g, w in zip(names, got, want)])
+    topk_want = (student_ids, student_log_p, student_lse, student_entropy)
+    topk_names = ["topk ids", "topk log_probs", "topk lse", "topk entropy"]
+    return (
+        all([close(name, what, g, w, tol) for what, g, w in zip(topk_names, topk, topk_want)])
+        and ok
+    )
+
+
+def forward_cases(quick: bool):
+    """(kwargs) of the forward/backward cases: every dtype x variant x estimator, k across the
+    kernel's slot sizes, ties, signed zeros, -inf masks, NaN, sampled ids out of range,
+    alignment, long rows, adversarial (ascending) rows."""
+    torch.manual_seed(1)
+    combos = [
+        (v, e) for v in VARIANTS for e in ("pg", "exact") if (v, e) != ("sampled_token", "exact")
+    ]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    for dtype in dtypes[:1] if quick else dtypes:
+        for variant, estimator in combos[:3] if quick else combos:
+            s = (torch.randn(3, 203) * 2).to(dtype)
+            t = (s.float() + torch.randn(3, 203)).to(dtype)
+            yield dict(
+                student=s,
+                teacher=t,
+                k=16,
+                variant=variant,
+                estimator=estimator,
+                temperature=1.0,
+                sampled=torch.randint(0, 203, (3,)),
+                s_off=1,
+                t_off=1,
+                g_off=1,
+                name=f"{dtype} {variant} {estimator}",
+            )
+    if quick:
+        return
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for k, vocab in [
+            (1, 50),
+            (5, 5),
+            (31, 97),
+            (32, 300),
+            (33, 300),
+            (64, 500),
+            (65, 500),
+            (100, 700),
+            (128, 128),
+            (128, 1500),
+        ]:
+            s = (torch.randn(3, vocab) * 2).to(dtype)
+            t = (torch.randn(3, vocab) * 2).to(dtype)
+            yield dict(
+                student=s,
+                teacher=t,
+                k=k,
+                variant="union_topk",
+                estimator="exact",
+                temperature=0.7,
+                name=f"{dtype} k={k} V={vocab}",
+            )
+    for dtype in dtypes:
+        s = torch.randint(-3, 3, (4, 400)).to(dtype)
+        t = torch.randint(-2, 2, (4, 400)).to(dtype)
+        yield dict(
+            student=s,
+            teacher=t,
+            k=16,
+            variant="union_topk",
+            estimator="pg",
+            temperature=1.0,
+            name=f"{dtype} ties",
+        )
+        s = torch.zeros(2, 100, dtype=dtype)
+        s[:, ::2] = -0.0
+        s[0, 50:] = -1
+        t = -s.clone()
+        t[1, 7] = -0.0
+        yield dict(
+            student=s,
+            teacher=t,
+            k=20,
+            variant="union_topk",
+            estimator="exact",
+            temperature=1.0,
+            name=f"{dtype} signed zeros",
+        )
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        s = torch.randn(5, 333).to(dtype)
+        t = torch.randn(5, 333).to(dtype)
+        s[0, ::2] = -INF
+        t[0, 1::3] = -INF
+        s[1, 10:] = -INF
+        t[1, :300] = -INF
+        s[2, :] = -INF
+        t[3, :] = -INF
+        s[4, :] = NAN
+        valid = torch.tensor([True, True, True, True, False])
+        for variant in ("student_topk", "union_topk", "full_vocab", "overlap_topk"):
+            for estimator in ("pg", "exact"):
+                yield dict(
+                    student=s,
+                    teacher=t,
+                    k=16,
+                    variant=variant,
+                    estimator=estimator,
+                    temperature=1.0,
+                    valid=valid,
+                    name=f"{dtype} -inf {variant} {estimator}",
+                )
+    for dtype in dtypes:
+        s = torch.randn(4, 50).to(dtype)
+        t = torch.randn(4, 50).to(dtype)
+        s[0, 5:] = NAN  # fewer orderable entries than k
+        t[1, :] = NAN
+        s[2, ::2] = NAN
+        t[2, 1::2] = NAN
+        s[3, :40] = NAN
+        s[3, 40:45] = -INF
+        for variant, estimator in [
+            ("union_topk", "pg"),
+            ("student_topk", "exact"),
+            ("full_vocab", "pg"),
+            ("overlap_topk", "exact"),
+        ]:
+            yield dict(
+                student=s,
+                teacher=t,
+                k=16,
+                variant=variant,
+                estimator=estimator,
+                temperature=1.0,
+                sampled=torch.tensor([1, 2, 3, 49]),
+                name=f"{dtype} NaN rows {variant} {estimator}",
+            )
+        yield dict(
+            student=s,
+            teacher=t,
+            k=16,
+            variant="union_topk",
+            estimator="pg",
+            temperature=1.0,
+            valid=torch.zeros(4, dtype=torch.bool),
+            name=f"{dtype} all rows invalid",
+        )
+    for dtype in (torch.float32, torch.float16):
+        s = torch.randn(4, 120).to(dtype)
+        t = torch.randn(4, 120).to(dtype)
+        sampled = torch.tensor([0, 119, -1, 120])
+        yield dict(
+            student=s,
+            teacher=t,
+            k=16,
+            variant="sampled_token",
+            estimator="pg",
+            temperature=1.3,
+            sampled=sampled,
+            name=f"{dtype} sampled ids out of range",
+        )
+    for dtype in dtypes:
+        s = (torch.randn(3, 1001) * 2).to(dtype)
+        t = (torch.randn(3, 1001) * 2).to(dtype)
+        for s_off, s_pad, t_off, t_pad, g_off in [
+            (0, 0, 0, 0, 0),
+            (3, 0, 3, 0, 3),
+            (1, 0, 0, 0, 0),
+            (0, 5, 0, 7, 1),
+        ]:
+            yield dict(
+                student=s,
+                teacher=t,
+                k=16,
+                variant="full_vocab",
+                estimator="pg",
+                temperature=1.0,
+                s_off=s_off,
+                s_pad=s_pad,
+                t_off=t_off,
+                t_pad=t_pad,
+                g_off=g_off,
+                name=f"{dtype} alignment {s_off} {s_pad} {t_off} {t_pad} {g_off}",
+            )
+    for dtype in (torch.bfloat16, torch.float32):
+        s = (torch.randn(2, 20011) * 4).to(dtype)
+        t = (torch.randn(2, 20011) * 4).to(dtype)
+        yield dict(
+            student=s,
+            teacher=t,
+            k=16,
+            variant="union_topk",
+            estimator="pg",
+            temperature=0.5,
+            s_off=1,
+            t_off=1,
+            name=f"{dtype} V=20011",
+        )
+        s = torch.arange(3000).float().repeat(2, 1).to(dtype)
+        yield dict(
+            student=s * 0.01,
+            teacher=torch.flip(s, [1]) * 0.01,
+            k=64,
+            variant="union_topk",
+            estimator="exact",
+            temperature=1.0,
+            name=f"{dtype} ascending rows k=64",
+        )
+
+
+def sparse_cases(quick: bool):
+    torch.manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    variants = ["student_topk", "teacher_topk", "overlap_topk", "nonoverlap_topk", "union_topk"]
+    for dtype in dtypes[:1] if quick else dtypes:
+        for k, vocab in [(16, 300)] if quick else [(1, 40), (16, 300), (33, 257), (128, 1000)]:
+            s = (torch.randn(3, vocab) * 2).to(dtype)
+            t = (torch.randn(3, vocab) * 2).to(dtype)
+            for variant in variants[:2] if quick else variants:
+                for estimator in ("pg", "exact"):
+                    yield dict(
+                        student=s,
+                        teacher=t,
+                        k=k,
+                        variant=variant,
+                        estimator=estimator,
+                        temperature=0.8,
+                        name=f"{dtype} k={k} V={vocab} {variant} {estimator}",
+                    )
+    if quick:
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.randn(5, 333).to(dtype)
+        t = torch.randn(5, 333).to(dtype)
+        s[0, ::2] = -INF
+        t[0, 1::3] = -INF
+        s[1, 10:] = -INF
+        s[2, 7] = NAN
+        valid = torch.tensor([True, True, True, True, False])
+        sampled = torch.tensor([0, 332, 5, 17, 2])
+        for variant, estimator in [
+            ("student_topk", "pg"),
+            ("union_topk", "exact"),
+            ("sampled_token", "pg"),
+        ]:
+            yield dict(
+                student=s,
+                teacher=t,
+                k=16,
+                variant=variant,
+                estimator=estimator,
+                temperature=1.0,
+                sampled=sampled,
+                valid=valid,
+                name=f"{dtype} edge rows {variant}",
+            )
+        yield dict(
+            student=s,
+            teacher=t,
+            k=16,
+            variant="overlap_topk",
+            estimator="exact",
+            temperature=1.0,
+            corrupt=True,
+            name=f"{dtype} out-of-range teacher ids",
+        )
+    s = torch.randint(-3, 3, (4, 400)).float()
+    t = torch.randint(-2, 2, (4, 400)).float()
+    yield dict(
+        student=s,
+        teacher=t,
+        k=16,
+        variant="union_topk",
+        estimator="pg",
+        temperature=1.0,
+        name="ties",
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one case per group")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="opd-cuda-emulator-")
+    try:
+        binaries = build(work)
+        results = []
+        for group, cases, run in (
+            ("forward+backward", forward_cases, forward_case),
+            ("sparse forward+row_topk", sparse_cases, sparse_case),
+        ):
+            passed = total = 0
+            for case in cases(args.quick):
+                ok = run(binaries, work, **case)
+                passed, total = passed + ok, total + 1
+                if not ok:
+                    print("FAIL", case["name"])
+            print(f"{group}: {passed} of {total} cases match the CPU op")
+            results.append(passed == total)
+        return 0 if all(results) else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+// Host emulation of opd_forward_kernel and opd_backward_kernel (opd_forward.cuh,
+// opd_backward.cuh) on one case written by check.py: reads argv[1], writes the outputs to
+// argv[2]. The backward runs from the CPU op's forward results, so each kernel is checked alone.
+#include "emu_prelude.h"
+#include "opd_fast/opd_forward.cuh"
+#include "opd_fast/opd_backward.cuh"
+#include <cstdio>
+#include <fstream>
+using namespace opd_fast;
+using namespace opd_fast::kernels;
+
+static std::vector<char> read_all(const char* path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+template <class scalar_t>
+void run(const char* data, const int64_t* h, double temperature, FILE* out) {
+  using acc_t = typename Element<scalar_t>::acc_t;
+  const int64_t N = h[1], V = h[2], k = h[3];
+  const int64_t so = h[8], ss = h[9], to = h[10], ts = h[11], sb = h[12], tb = h[13], W = h[14];
+  const bool full = h[15] != 0;
+  const char* p = data;
+  // Buffers copied into 16-byte aligned storage so the offsets decide the alignment.
+  std::vector<__int128> sbuf((sb * sizeof(scalar_t) + 15) / 16 + 1), tbuf((tb * sizeof(scalar_t) + 15) / 16 + 1);
+  std::memcpy(sbuf.data(), p, sb * sizeof(scalar_t)); p += sb * sizeof(scalar_t);
+  std::memcpy(tbuf.data(), p, tb * sizeof(scalar_t)); p += tb * sizeof(scalar_t);
+  std::vector<int64_t> sampled(N); std::memcpy(sampled.data(), p, N * 8); p += N * 8;
+  std::vector<char> valid(N); std::memcpy(valid.data(), p, N); p += N;
+  auto read_acc = [&](int64_t n) { std::vector<acc_t> v(n); std::memcpy(v.data(), p, n * sizeof(acc_t)); p += n * sizeof(acc_t); return v; };
+  std::vector<acc_t> grad_loss = read_acc(N), lse_in = read_acc(N), scale_in = read_acc(N);
+  std::vector<int64_t> sid_in(N * W); std::memcpy(sid_in.data(), p, N * W * 8); p += N * W * 8;
+  std::vector<acc_t> coef_in = read_acc(N * W);
+
+  const scalar_t* student = reinterpret_cast<const scalar_t*>(sbuf.data()) + so;
+  const scalar_t* teacher = reinterpret_cast<const scalar_t*>(tbuf.data()) + to;
+  std::vector<acc_t> loss(N, -7), metrics(N * kNumMetrics, -7), slse(N, -7), tlse(N, -7), gs(N, -7), coef(N * W, -7);
+  std::vector<int64_t> sid(N * W, -7);
+  ForwardParams<scalar_t> fp{};
+  fp.student = student; fp.teacher = teacher; fp.student_row_stride = ss; fp.teacher_row_stride = ts;
+  fp.rows = N; fp.vocab = V; fp.sampled_ids = h[6] ? sampled.data() : nullptr;
+  fp.row_valid = h[7] ? reinterpret_cast<const bool*>(valid.data()) : nullptr;
+  fp.k = int(k); fp.variant = Variant(h[4]); fp.estimator = Estimator(h[5]);
+  fp.inv_tau = acc_t(1) / acc_t(temperature); fp.sparse_width = int(W);
+  fp.loss = loss.data(); fp.metrics = metrics.data(); fp.student_lse = slse.data(); fp.teacher_lse = tlse.data();
+  fp.grad_scale = gs.data(); fp.sparse_id = sid.data(); fp.sparse_coef = coef.data();
+  int kpad = 1; while (kpad < k) kpad <<= 1;
+  const int slots = k <= 32 ? 1 : k <= 64 ? 2 : 4;
+  for (int64_t row = 0; row < N; ++row) {
+    emu_run_block(unsigned(row), [&] {
+      if (fp.variant == Variant::kFullVocab) {
+        if (slots == 1) opd_forward_kernel<scalar_t, 1, true>(fp, kpad);
+        else if (slots == 2) opd_forward_kernel<scalar_t, 2, true>(fp, kpad);
+        else opd_forward_kernel<scalar_t, 4, true>(fp, kpad);
+      } else {
+        if (slots == 1) opd_forward_kernel<scalar_t, 1, false>(fp, kpad);
+        else if (slots == 2) opd_forward_kernel<scalar_t, 2, false>(fp, kpad);
+        else opd_forward_kernel<scalar_t, 4, false>(fp, kpad);
+      }
+    });
+  }
+  // Backward from the given (CPU) forward results. Gradient buffer offset by h[16] elements
+  // so its alignment can differ from the logits'.
+  const int64_t go = h[16];
+  std::vector<__int128> gbuf((N * V + go) * sizeof(scalar_t) / 16 + 2);
+  scalar_t* grad = reinterpret_cast<scalar_t*>(gbuf.data()) + go;
+  BackwardParams<scalar_t> bp{};
+  bp.student = student; bp.teacher = full ? teacher : nullptr; bp.student_row_stride = ss;
+  bp.teacher_row_stride = full ? ts : 0; bp.rows = N; bp.vocab = V; bp.inv_tau = acc_t(1) / acc_t(temperature);
+  bp.full_vocab = full; bp.grad_loss = grad_loss.data(); bp.student_lse = lse_in.data();
+  bp.grad_scale = scale_in.data(); bp.sparse_id = sid_in.data(); bp.sparse_coef = coef_in.data();
+  bp.sparse_width = int(W); bp.grad_student = grad;
+  for (int64_t row = 0; row < N; ++row) {
+    emu_run_block(unsigned(row), [&] {
+      if (full) opd_backward_kernel<scalar_t, true>(bp);
+      else opd_backward_kernel<scalar_t, false>(bp);
+    });
+  }
+  fwrite(loss.data(), sizeof(acc_t), N, out); fwrite(metrics.data(), sizeof(acc_t), N * kNumMetrics, out);
+  fwrite(slse.data(), sizeof(acc_t), N, out); fwrite(tlse.data(), sizeof(acc_t), N, out);
+  fwrite(gs.data(), sizeof(acc_t), N, out); fwrite(sid.data(), 8, N * W, out);
+  fwrite(coef.data(), sizeof(acc_t), N * W, out); fwrite(grad, sizeof(scalar_t), N * V, out);
+}
+
+int main(int argc, char** argv) {
+  std::vector<char> data = read_all(argv[1]);
+  const int64_t* h = reinterpret_cast<const int64_t*>(data.data());
+  double temperature; std::memcpy(&temperature, data.data() + 17 * 8, 8);
+  const char* body = data.data() + 18 * 8;
+  FILE* out = fopen(argv[2], "wb");
+  switch (h[0]) {
+    case 0: run<float>(body, h, temperature, out); break;
+    case 1: run<double>(body, h, temperature, out); break;
+    case 2: run<__nv_bfloat16>(body, h, temperature, out); break;
+    case 3: run<__half>(body, h, temperature, out); break;
+  }
+  fclose(out);
+  fprintf(stderr, "warp ops: %ld\n", g_warp_ops.load());
+  return 0;
+}

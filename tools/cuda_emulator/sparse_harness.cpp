@@ -1,0 +1,78 @@
+// Host emulation of opd_forward_sparse_kernel and row_topk_kernel (opd_sparse.cuh) on one case
+// written by check.py: reads the case file argv[1], writes the outputs to argv[2].
+#include "emu_prelude.h"
+#include "opd_fast/opd_forward.cuh"
+#include "opd_fast/opd_sparse.cuh"
+#include <cstdio>
+#include <fstream>
+using namespace opd_fast;
+using namespace opd_fast::kernels;
+
+template <class scalar_t>
+void run(const char* p, const int64_t* h, double temperature, FILE* out) {
+  using acc_t = typename Element<scalar_t>::acc_t;
+  const int64_t N = h[1], V = h[2], k = h[3], W = 2 * k;
+  std::vector<__int128> sbuf((N * V * sizeof(scalar_t) + 15) / 16 + 1);
+  std::memcpy(sbuf.data(), p, N * V * sizeof(scalar_t)); p += N * V * sizeof(scalar_t);
+  auto read_i64 = [&](int64_t n) { std::vector<int64_t> v(n); std::memcpy(v.data(), p, n * 8); p += n * 8; return v; };
+  auto read_acc = [&](int64_t n) { std::vector<acc_t> v(n); std::memcpy(v.data(), p, n * sizeof(acc_t)); p += n * sizeof(acc_t); return v; };
+  auto sid_in = read_i64(N * k), tid_in = read_i64(N * k);
+  auto tlq = read_acc(N * k), slq = read_acc(N * k), tent = read_acc(N);
+  auto sampled = read_i64(N);
+  auto tslq = read_acc(N);
+  std::vector<char> valid(N); std::memcpy(valid.data(), p, N); p += N;
+  std::vector<acc_t> loss(N, -7), metrics(N * kNumMetrics, -7), slse(N, -7), tlse(N, -7), gs(N, -7), coef(N * W, -7);
+  std::vector<int64_t> sid(N * W, -7);
+  SparseForwardParams<scalar_t> fp{};
+  fp.student = reinterpret_cast<const scalar_t*>(sbuf.data()); fp.student_row_stride = V;
+  fp.rows = N; fp.vocab = V; fp.student_topk_ids = sid_in.data(); fp.teacher_topk_ids = tid_in.data();
+  fp.teacher_topk_log_probs = tlq.data(); fp.teacher_log_probs_at_student = slq.data();
+  fp.teacher_entropy = tent.data();
+  fp.sampled_ids = h[6] ? sampled.data() : nullptr;
+  fp.teacher_sampled_log_probs = h[6] ? tslq.data() : nullptr;
+  fp.row_valid = h[7] ? reinterpret_cast<const bool*>(valid.data()) : nullptr;
+  fp.k = int(k); fp.variant = Variant(h[4]); fp.estimator = Estimator(h[5]);
+  fp.inv_tau = acc_t(1) / acc_t(temperature); fp.sparse_width = int(W);
+  fp.loss = loss.data(); fp.metrics = metrics.data(); fp.student_lse = slse.data(); fp.teacher_lse = tlse.data();
+  fp.grad_scale = gs.data(); fp.sparse_id = sid.data(); fp.sparse_coef = coef.data();
+  for (int64_t row = 0; row < N; ++row) emu_run_block(unsigned(row), [&] { opd_forward_sparse_kernel<scalar_t>(fp); });
+  fwrite(loss.data(), sizeof(acc_t), N, out); fwrite(metrics.data(), sizeof(acc_t), N * kNumMetrics, out);
+  fwrite(slse.data(), sizeof(acc_t), N, out); fwrite(tlse.data(), sizeof(acc_t), N, out);
+  fwrite(gs.data(), sizeof(acc_t), N, out); fwrite(sid.data(), 8, N * W, out);
+  fwrite(coef.data(), sizeof(acc_t), N * W, out);
+
+  // row_topk of the same student rows.
+  std::vector<int64_t> ids(N * k, -7);
+  std::vector<acc_t> log_probs(N * k, -7), lse(N, -7), entropy(N, -7);
+  TopkParams<scalar_t> tp{};
+  tp.logits = fp.student; tp.row_stride = V; tp.rows = N; tp.vocab = V; tp.k = int(k);
+  tp.inv_tau = fp.inv_tau; tp.ids = ids.data(); tp.log_probs = log_probs.data();
+  tp.lse = lse.data(); tp.entropy = entropy.data();
+  int kpad = 1; while (kpad < k) kpad <<= 1;
+  for (int64_t row = 0; row < N; ++row) {
+    emu_run_block(unsigned(row), [&] {
+      if (k <= 32) row_topk_kernel<scalar_t, 1>(tp, kpad);
+      else if (k <= 64) row_topk_kernel<scalar_t, 2>(tp, kpad);
+      else row_topk_kernel<scalar_t, 4>(tp, kpad);
+    });
+  }
+  fwrite(ids.data(), 8, N * k, out); fwrite(log_probs.data(), sizeof(acc_t), N * k, out);
+  fwrite(lse.data(), sizeof(acc_t), N, out); fwrite(entropy.data(), sizeof(acc_t), N, out);
+}
+
+int main(int argc, char** argv) {
+  std::ifstream f(argv[1], std::ios::binary);
+  std::vector<char> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const int64_t* h = reinterpret_cast<const int64_t*>(data.data());
+  double temperature; std::memcpy(&temperature, data.data() + 8 * 8, 8);
+  const char* body = data.data() + 9 * 8;
+  FILE* out = fopen(argv[2], "wb");
+  switch (h[0]) {
+    case 0: run<float>(body, h, temperature, out); break;
+    case 1: run<double>(body, h, temperature, out); break;
+    case 2: run<__nv_bfloat16>(body, h, temperature, out); break;
+    case 3: run<__half>(body, h, temperature, out); break;
+  }
+  fclose(out);
+  return 0;
+}
