@@ -24,19 +24,11 @@ import numpy as np
 import torch
 
 import opd_fast  # noqa: F401  (registers the ops)
+from opd_fast.reference import ESTIMATORS, VARIANTS  # in the kernels' enum order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADERS = os.path.join(HERE, "..", "..", "csrc", "include", "opd_fast")
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-VARIANTS = [
-    "student_topk",
-    "teacher_topk",
-    "overlap_topk",
-    "nonoverlap_topk",
-    "union_topk",
-    "full_vocab",
-    "sampled_token",
-]
 INF, NAN = float("inf"), float("nan")
 ops = torch.ops.opd_fast
 
@@ -306,272 +298,113 @@ def sparse_case(
     )
 
 
+def case(name, student, teacher, k, variant, estimator, temperature=1.0, **extra) -> dict:
+    return dict(name=name, student=student, teacher=teacher, k=k, variant=variant,
+                estimator=estimator, temperature=temperature, **extra)  # fmt: skip
+
+
 def forward_cases(quick: bool):
-    """(kwargs) of the forward/backward cases: every dtype x variant x estimator, k across the
-    kernel's slot sizes, ties, signed zeros, -inf masks, NaN, sampled ids out of range,
-    alignment, long rows, adversarial (ascending) rows."""
+    """Forward/backward cases: every dtype x variant x estimator, k across the kernel's slot
+    sizes, ties, signed zeros, -inf masks, NaN rows, sampled ids out of range, alignment, long
+    rows, adversarial (ascending) rows."""
     torch.manual_seed(1)
-    combos = [
-        (v, e) for v in VARIANTS for e in ("pg", "exact") if (v, e) != ("sampled_token", "exact")
-    ]
+    combos = [(v, e) for v in VARIANTS for e in ESTIMATORS if (v, e) != ("sampled_token", "exact")]
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     for dtype in dtypes[:1] if quick else dtypes:
         for variant, estimator in combos[:3] if quick else combos:
             s = (torch.randn(3, 203) * 2).to(dtype)
             t = (s.float() + torch.randn(3, 203)).to(dtype)
-            yield dict(
-                student=s,
-                teacher=t,
-                k=16,
-                variant=variant,
-                estimator=estimator,
-                temperature=1.0,
-                sampled=torch.randint(0, 203, (3,)),
-                s_off=1,
-                t_off=1,
-                g_off=1,
-                name=f"{dtype} {variant} {estimator}",
-            )
+            yield case(f"{dtype} {variant} {estimator}", s, t, 16, variant, estimator,
+                       sampled=torch.randint(0, 203, (3,)), s_off=1, t_off=1, g_off=1)  # fmt: skip
     if quick:
         return
+    sizes = [(1, 50), (5, 5), (31, 97), (32, 300), (33, 300), (64, 500), (65, 500), (100, 700),
+             (128, 128), (128, 1500)]  # fmt: skip
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for k, vocab in [
-            (1, 50),
-            (5, 5),
-            (31, 97),
-            (32, 300),
-            (33, 300),
-            (64, 500),
-            (65, 500),
-            (100, 700),
-            (128, 128),
-            (128, 1500),
-        ]:
-            s = (torch.randn(3, vocab) * 2).to(dtype)
-            t = (torch.randn(3, vocab) * 2).to(dtype)
-            yield dict(
-                student=s,
-                teacher=t,
-                k=k,
-                variant="union_topk",
-                estimator="exact",
-                temperature=0.7,
-                name=f"{dtype} k={k} V={vocab}",
-            )
+        for k, vocab in sizes:
+            s, t = (torch.randn(3, vocab) * 2).to(dtype), (torch.randn(3, vocab) * 2).to(dtype)
+            yield case(f"{dtype} k={k} V={vocab}", s, t, k, "union_topk", "exact", 0.7)
     for dtype in dtypes:
-        s = torch.randint(-3, 3, (4, 400)).to(dtype)
-        t = torch.randint(-2, 2, (4, 400)).to(dtype)
-        yield dict(
-            student=s,
-            teacher=t,
-            k=16,
-            variant="union_topk",
-            estimator="pg",
-            temperature=1.0,
-            name=f"{dtype} ties",
-        )
+        s, t = torch.randint(-3, 3, (4, 400)).to(dtype), torch.randint(-2, 2, (4, 400)).to(dtype)
+        yield case(f"{dtype} ties", s, t, 16, "union_topk", "pg")
         s = torch.zeros(2, 100, dtype=dtype)
         s[:, ::2] = -0.0
         s[0, 50:] = -1
         t = -s.clone()
         t[1, 7] = -0.0
-        yield dict(
-            student=s,
-            teacher=t,
-            k=20,
-            variant="union_topk",
-            estimator="exact",
-            temperature=1.0,
-            name=f"{dtype} signed zeros",
-        )
+        yield case(f"{dtype} signed zeros", s, t, 20, "union_topk", "exact")
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        s = torch.randn(5, 333).to(dtype)
-        t = torch.randn(5, 333).to(dtype)
-        s[0, ::2] = -INF
-        t[0, 1::3] = -INF
-        s[1, 10:] = -INF
-        t[1, :300] = -INF
-        s[2, :] = -INF
-        t[3, :] = -INF
-        s[4, :] = NAN
+        s, t = torch.randn(5, 333).to(dtype), torch.randn(5, 333).to(dtype)
+        s[0, ::2], t[0, 1::3] = -INF, -INF  # masked vocabulary
+        s[1, 10:], t[1, :300] = -INF, -INF  # fewer than k finite
+        s[2, :], t[3, :], s[4, :] = -INF, -INF, NAN  # all -inf rows; an invalid NaN row
         valid = torch.tensor([True, True, True, True, False])
         for variant in ("student_topk", "union_topk", "full_vocab", "overlap_topk"):
-            for estimator in ("pg", "exact"):
-                yield dict(
-                    student=s,
-                    teacher=t,
-                    k=16,
-                    variant=variant,
-                    estimator=estimator,
-                    temperature=1.0,
-                    valid=valid,
-                    name=f"{dtype} -inf {variant} {estimator}",
-                )
+            for estimator in ESTIMATORS:
+                name = f"{dtype} -inf {variant} {estimator}"
+                yield case(name, s, t, 16, variant, estimator, valid=valid)
+    nan_variants = [("union_topk", "pg"), ("student_topk", "exact"), ("full_vocab", "pg"),
+                    ("overlap_topk", "exact")]  # fmt: skip
     for dtype in dtypes:
-        s = torch.randn(4, 50).to(dtype)
-        t = torch.randn(4, 50).to(dtype)
+        s, t = torch.randn(4, 50).to(dtype), torch.randn(4, 50).to(dtype)
         s[0, 5:] = NAN  # fewer orderable entries than k
         t[1, :] = NAN
-        s[2, ::2] = NAN
-        t[2, 1::2] = NAN
-        s[3, :40] = NAN
-        s[3, 40:45] = -INF
-        for variant, estimator in [
-            ("union_topk", "pg"),
-            ("student_topk", "exact"),
-            ("full_vocab", "pg"),
-            ("overlap_topk", "exact"),
-        ]:
-            yield dict(
-                student=s,
-                teacher=t,
-                k=16,
-                variant=variant,
-                estimator=estimator,
-                temperature=1.0,
-                sampled=torch.tensor([1, 2, 3, 49]),
-                name=f"{dtype} NaN rows {variant} {estimator}",
-            )
-        yield dict(
-            student=s,
-            teacher=t,
-            k=16,
-            variant="union_topk",
-            estimator="pg",
-            temperature=1.0,
-            valid=torch.zeros(4, dtype=torch.bool),
-            name=f"{dtype} all rows invalid",
-        )
+        s[2, ::2], t[2, 1::2] = NAN, NAN
+        s[3, :40], s[3, 40:45] = NAN, -INF
+        for variant, estimator in nan_variants:
+            yield case(f"{dtype} NaN rows {variant} {estimator}", s, t, 16, variant, estimator,
+                       sampled=torch.tensor([1, 2, 3, 49]))  # fmt: skip
+        invalid = torch.zeros(4, dtype=torch.bool)
+        yield case(f"{dtype} all rows invalid", s, t, 16, "union_topk", "pg", valid=invalid)
     for dtype in (torch.float32, torch.float16):
-        s = torch.randn(4, 120).to(dtype)
-        t = torch.randn(4, 120).to(dtype)
-        sampled = torch.tensor([0, 119, -1, 120])
-        yield dict(
-            student=s,
-            teacher=t,
-            k=16,
-            variant="sampled_token",
-            estimator="pg",
-            temperature=1.3,
-            sampled=sampled,
-            name=f"{dtype} sampled ids out of range",
-        )
+        s, t = torch.randn(4, 120).to(dtype), torch.randn(4, 120).to(dtype)
+        yield case(f"{dtype} sampled ids out of range", s, t, 16, "sampled_token", "pg", 1.3,
+                   sampled=torch.tensor([0, 119, -1, 120]))  # fmt: skip
+    layouts = [(0, 0, 0, 0, 0), (3, 0, 3, 0, 3), (1, 0, 0, 0, 0), (0, 5, 0, 7, 1)]
     for dtype in dtypes:
-        s = (torch.randn(3, 1001) * 2).to(dtype)
-        t = (torch.randn(3, 1001) * 2).to(dtype)
-        for s_off, s_pad, t_off, t_pad, g_off in [
-            (0, 0, 0, 0, 0),
-            (3, 0, 3, 0, 3),
-            (1, 0, 0, 0, 0),
-            (0, 5, 0, 7, 1),
-        ]:
-            yield dict(
-                student=s,
-                teacher=t,
-                k=16,
-                variant="full_vocab",
-                estimator="pg",
-                temperature=1.0,
-                s_off=s_off,
-                s_pad=s_pad,
-                t_off=t_off,
-                t_pad=t_pad,
-                g_off=g_off,
-                name=f"{dtype} alignment {s_off} {s_pad} {t_off} {t_pad} {g_off}",
-            )
+        s, t = (torch.randn(3, 1001) * 2).to(dtype), (torch.randn(3, 1001) * 2).to(dtype)
+        for s_off, s_pad, t_off, t_pad, g_off in layouts:
+            yield case(f"{dtype} alignment {s_off} {s_pad} {t_off} {t_pad} {g_off}", s, t, 16,
+                       "full_vocab", "pg", s_off=s_off, s_pad=s_pad, t_off=t_off, t_pad=t_pad,
+                       g_off=g_off)  # fmt: skip
     for dtype in (torch.bfloat16, torch.float32):
-        s = (torch.randn(2, 20011) * 4).to(dtype)
-        t = (torch.randn(2, 20011) * 4).to(dtype)
-        yield dict(
-            student=s,
-            teacher=t,
-            k=16,
-            variant="union_topk",
-            estimator="pg",
-            temperature=0.5,
-            s_off=1,
-            t_off=1,
-            name=f"{dtype} V=20011",
-        )
-        s = torch.arange(3000).float().repeat(2, 1).to(dtype)
-        yield dict(
-            student=s * 0.01,
-            teacher=torch.flip(s, [1]) * 0.01,
-            k=64,
-            variant="union_topk",
-            estimator="exact",
-            temperature=1.0,
-            name=f"{dtype} ascending rows k=64",
-        )
+        s, t = (torch.randn(2, 20011) * 4).to(dtype), (torch.randn(2, 20011) * 4).to(dtype)
+        yield case(f"{dtype} V=20011", s, t, 16, "union_topk", "pg", 0.5, s_off=1, t_off=1)
+        s = torch.arange(3000).float().repeat(2, 1).to(dtype) * 0.01
+        yield case(f"{dtype} ascending rows k=64", s, torch.flip(s, [1]), 64, "union_topk", "exact")
 
 
 def sparse_cases(quick: bool):
+    """Sparse-teacher forward and row_topk cases: dtypes x k x the variants a payload serves,
+    -inf / NaN / invalid rows with sampled ids, out-of-range teacher ids, ties."""
     torch.manual_seed(0)
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     variants = ["student_topk", "teacher_topk", "overlap_topk", "nonoverlap_topk", "union_topk"]
+    sizes = [(1, 40), (16, 300), (33, 257), (128, 1000)]
     for dtype in dtypes[:1] if quick else dtypes:
-        for k, vocab in [(16, 300)] if quick else [(1, 40), (16, 300), (33, 257), (128, 1000)]:
-            s = (torch.randn(3, vocab) * 2).to(dtype)
-            t = (torch.randn(3, vocab) * 2).to(dtype)
+        for k, vocab in sizes[1:2] if quick else sizes:
+            s, t = (torch.randn(3, vocab) * 2).to(dtype), (torch.randn(3, vocab) * 2).to(dtype)
             for variant in variants[:2] if quick else variants:
-                for estimator in ("pg", "exact"):
-                    yield dict(
-                        student=s,
-                        teacher=t,
-                        k=k,
-                        variant=variant,
-                        estimator=estimator,
-                        temperature=0.8,
-                        name=f"{dtype} k={k} V={vocab} {variant} {estimator}",
-                    )
+                for estimator in ESTIMATORS:
+                    name = f"{dtype} k={k} V={vocab} {variant} {estimator}"
+                    yield case(name, s, t, k, variant, estimator, 0.8)
     if quick:
         return
     for dtype in (torch.float32, torch.bfloat16):
-        s = torch.randn(5, 333).to(dtype)
-        t = torch.randn(5, 333).to(dtype)
-        s[0, ::2] = -INF
-        t[0, 1::3] = -INF
+        s, t = torch.randn(5, 333).to(dtype), torch.randn(5, 333).to(dtype)
+        s[0, ::2], t[0, 1::3] = -INF, -INF
         s[1, 10:] = -INF
         s[2, 7] = NAN
         valid = torch.tensor([True, True, True, True, False])
         sampled = torch.tensor([0, 332, 5, 17, 2])
-        for variant, estimator in [
-            ("student_topk", "pg"),
-            ("union_topk", "exact"),
-            ("sampled_token", "pg"),
-        ]:
-            yield dict(
-                student=s,
-                teacher=t,
-                k=16,
-                variant=variant,
-                estimator=estimator,
-                temperature=1.0,
-                sampled=sampled,
-                valid=valid,
-                name=f"{dtype} edge rows {variant}",
-            )
-        yield dict(
-            student=s,
-            teacher=t,
-            k=16,
-            variant="overlap_topk",
-            estimator="exact",
-            temperature=1.0,
-            corrupt=True,
-            name=f"{dtype} out-of-range teacher ids",
-        )
-    s = torch.randint(-3, 3, (4, 400)).float()
-    t = torch.randint(-2, 2, (4, 400)).float()
-    yield dict(
-        student=s,
-        teacher=t,
-        k=16,
-        variant="union_topk",
-        estimator="pg",
-        temperature=1.0,
-        name="ties",
-    )
+        for variant, estimator in [("student_topk", "pg"), ("union_topk", "exact"),
+                                   ("sampled_token", "pg")]:  # fmt: skip
+            yield case(f"{dtype} edge rows {variant}", s, t, 16, variant, estimator,
+                       sampled=sampled, valid=valid)  # fmt: skip
+        yield case(f"{dtype} out-of-range teacher ids", s, t, 16, "overlap_topk", "exact",
+                   corrupt=True)  # fmt: skip
+    s, t = torch.randint(-3, 3, (4, 400)).float(), torch.randint(-2, 2, (4, 400)).float()
+    yield case("ties", s, t, 16, "union_topk", "pg")
 
 
 def main() -> int:

@@ -2,17 +2,12 @@
 // opd_backward.cuh) on one case written by check.py: reads argv[1], writes the outputs to
 // argv[2]. The backward runs from the CPU op's forward results, so each kernel is checked alone.
 #include "emu_prelude.h"
+#include "harness_main.h"
 #include "opd_fast/opd_forward.cuh"
 #include "opd_fast/opd_backward.cuh"
 #include <cstdio>
-#include <fstream>
 using namespace opd_fast;
 using namespace opd_fast::kernels;
-
-static std::vector<char> read_all(const char* path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
 
 template <class scalar_t>
 void run(const char* data, const int64_t* h, double temperature, FILE* out) {
@@ -83,18 +78,8 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
 }
 
 int main(int argc, char** argv) {
-  std::vector<char> data = read_all(argv[1]);
-  const int64_t* h = reinterpret_cast<const int64_t*>(data.data());
-  double temperature; std::memcpy(&temperature, data.data() + 17 * 8, 8);
-  const char* body = data.data() + 18 * 8;
-  FILE* out = fopen(argv[2], "wb");
-  switch (h[0]) {
-    case 0: run<float>(body, h, temperature, out); break;
-    case 1: run<double>(body, h, temperature, out); break;
-    case 2: run<__nv_bfloat16>(body, h, temperature, out); break;
-    case 3: run<__half>(body, h, temperature, out); break;
-  }
-  fclose(out);
-  fprintf(stderr, "warp ops: %ld\n", g_warp_ops.load());
-  return 0;
+  return harness_main(argc, argv, 17, [](auto element, const char* body, const int64_t* header,
+                                              double temperature, FILE* out) {
+    run<decltype(element)>(body, header, temperature, out);
+  });
 }

@@ -1,10 +1,10 @@
 // Host emulation of opd_forward_sparse_kernel and row_topk_kernel (opd_sparse.cuh) on one case
 // written by check.py: reads the case file argv[1], writes the outputs to argv[2].
 #include "emu_prelude.h"
+#include "harness_main.h"
 #include "opd_fast/opd_forward.cuh"
 #include "opd_fast/opd_sparse.cuh"
 #include <cstdio>
-#include <fstream>
 using namespace opd_fast;
 using namespace opd_fast::kernels;
 
@@ -61,18 +61,8 @@ void run(const char* p, const int64_t* h, double temperature, FILE* out) {
 }
 
 int main(int argc, char** argv) {
-  std::ifstream f(argv[1], std::ios::binary);
-  std::vector<char> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  const int64_t* h = reinterpret_cast<const int64_t*>(data.data());
-  double temperature; std::memcpy(&temperature, data.data() + 8 * 8, 8);
-  const char* body = data.data() + 9 * 8;
-  FILE* out = fopen(argv[2], "wb");
-  switch (h[0]) {
-    case 0: run<float>(body, h, temperature, out); break;
-    case 1: run<double>(body, h, temperature, out); break;
-    case 2: run<__nv_bfloat16>(body, h, temperature, out); break;
-    case 3: run<__half>(body, h, temperature, out); break;
-  }
-  fclose(out);
-  return 0;
+  return harness_main(argc, argv, 8, [](auto element, const char* body, const int64_t* header,
+                                              double temperature, FILE* out) {
+    run<decltype(element)>(body, header, temperature, out);
+  });
 }
