@@ -4,7 +4,9 @@
 # 1. GPU info (nvidia-smi)
 # 2. build the CUDA extension: MAX_JOBS=16 OPD_FAST_CUDA_ARCHS=90 pip install -e .
 # 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there)
-# 4. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
+# 4. training smoke run: two tiny random Qwen3 models in bf16, 8 OPD steps, tokens/s of rollout,
+#    teacher scoring and training (bench/train_smoke.py)
+# 5. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
 #    opd_fast vs eager reference vs eager_careful vs torch.compile(reference); baselines that
 #    would not fit in GPU memory or in the time left are skipped (the JSON says why)
 # Each step has its own timeout and a failed step does not stop the next; the whole run stays
@@ -83,7 +85,10 @@ else
     CODES+=("skipped")
 fi
 
-# 4. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
+# 4. the trainer end to end on the GPU
+run_step train_smoke 90 "$PYTHON" bench/train_smoke.py --device cuda --out "$OUT/train-smoke.json"
+
+# 5. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
 BENCH_LIMIT=$((TOTAL_BUDGET_S - $(elapsed)))
 if ((BENCH_LIMIT < 90)); then BENCH_LIMIT=90; fi
 run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
@@ -103,6 +108,10 @@ run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
     if [[ -f "$OUT/test_cuda.log" ]]; then
         echo "--- test_cuda (last lines)"
         tail -5 "$OUT/test_cuda.log"
+    fi
+    if [[ -f "$OUT/train-smoke.json" ]]; then
+        echo "--- train smoke"
+        cat "$OUT/train-smoke.json"
     fi
     if [[ -f "$OUT/bench.log" ]]; then
         echo "--- bench"
