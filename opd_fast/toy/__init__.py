@@ -1,5 +1,6 @@
 """The embedded toy default: a synthetic fact-recall task, a word-level tokenizer and tiny
-Qwen3 student/teacher models, built from scratch on the CPU from a seed and cached.
+Qwen3 student/teacher models, built on the CPU from a seed (the student from scratch, the teachers
+post-trained from it) and cached.
 
     from opd_fast.toy import ToyWorldSpec, toy_assets
     assets = toy_assets(spec=ToyWorldSpec(seed=0), cache_dir=None, progress=True)

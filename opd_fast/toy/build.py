@@ -1,4 +1,5 @@
-"""Building one model of the toy world: train from scratch, evaluate, save with the tokenizer."""
+"""Building one model of the toy world: train it (from scratch or from the model its recipe
+starts from), evaluate, save with the tokenizer."""
 
 from __future__ import annotations
 
