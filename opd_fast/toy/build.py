@@ -7,6 +7,9 @@ import json
 import os
 import time
 
+import torch
+
+from opd_fast.models import load_model
 from opd_fast.toy import data, models
 from opd_fast.toy.spec import ToyWorldSpec
 from opd_fast.toy.tokenizer import build_tokenizer
@@ -51,7 +54,10 @@ def build_model(spec: ToyWorldSpec, root: str, name: str, out_dir: str, progress
     if recipe.init_from is None:
         model = models.new_model(recipe.arch, tokenizer, seed)
     else:
-        model = models.load_base_model(os.path.join(root, recipe.init_from))
+        # Post-training starts from the saved weights of the model the recipe names (float32,
+        # CPU, the attention implementation new_model gets by default).
+        base_dir = os.path.join(root, recipe.init_from)
+        model = load_model(base_dir, torch.device("cpu"), torch.float32, "sdpa", trainable=True)
     final_loss = models.train_model(
         model, ids, labels, recipe.train, seed, progress=progress, description=f"toy {name}"
     )

@@ -70,15 +70,6 @@ def new_model(arch: ArchSpec, tokenizer, seed: int):
     return model
 
 
-def load_base_model(model_dir: str):
-    """A built toy model (float32, CPU) to post-train from."""
-    from transformers import AutoModelForCausalLM
-
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        raise ValueError(f"base model not built: {model_dir}")
-    return AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-
-
 def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [n, L] (<bos> prompt response <eos>, right-padded) and labels (-100 outside
     the response and on padding). Maps words straight through the word-level vocabulary
