@@ -43,14 +43,29 @@ inline at::Tensor rows_contiguous(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }
 
+inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// A checked forward call: the inputs as the kernels read them (rows contiguous; optional
+// tensors contiguous or undefined) and the parsed settings.
 struct ForwardPlan {
   at::Tensor student;
   at::Tensor teacher;
+  at::Tensor sampled_ids;  // (N,) int64 or undefined
+  at::Tensor row_valid;    // (N,) bool or undefined
   Variant variant;
   Estimator estimator;
   int k;
   int sparse_width;
   at::ScalarType acc_dtype;
+};
+
+// The sparse-teacher forward adds the teacher's payload (spec section 6), contiguous.
+struct SparseForwardPlan : ForwardPlan {
+  at::Tensor student_topk_ids, teacher_topk_ids, teacher_topk_log_probs,
+      teacher_log_probs_at_student, teacher_entropy;
+  at::Tensor teacher_sampled_log_probs;  // (N,) or undefined, given with sampled_ids
 };
 
 inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& teacher,
@@ -99,12 +114,19 @@ inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& tea
                 " but logits on ", student.device());
   }
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return ForwardPlan{rows_contiguous(student), rows_contiguous(teacher), parsed_variant,
-                     parsed_estimator, int(k), int(2 * k), acc_dtype};
+  return ForwardPlan{rows_contiguous(student),
+                     rows_contiguous(teacher),
+                     contiguous_or_undefined(sampled_ids),
+                     contiguous_or_undefined(row_valid),
+                     parsed_variant,
+                     parsed_estimator,
+                     int(k),
+                     int(2 * k),
+                     acc_dtype};
 }
 
 // Checks of the sparse-teacher forward; returns the plan like plan_forward (teacher unset).
-inline ForwardPlan plan_forward_sparse(
+inline SparseForwardPlan plan_forward_sparse(
     const at::Tensor& student, const at::Tensor& student_topk_ids,
     const at::Tensor& teacher_topk_ids, const at::Tensor& teacher_topk_log_probs,
     const at::Tensor& teacher_log_probs_at_student, const at::Tensor& teacher_entropy,
@@ -113,8 +135,10 @@ inline ForwardPlan plan_forward_sparse(
     const c10::optional<at::Tensor>& row_valid, int64_t k, const std::string& variant,
     const std::string& estimator, double temperature) {
   // The dense checks cover student, k, names, sampled_ids and row_valid.
-  ForwardPlan plan = plan_forward(student, student, sampled_ids, row_valid, k, variant,
-                                  estimator, temperature);
+  SparseForwardPlan plan;
+  static_cast<ForwardPlan&>(plan) = plan_forward(student, student, sampled_ids, row_valid, k,
+                                                 variant, estimator, temperature);
+  plan.teacher = at::Tensor();
   TORCH_CHECK(plan.variant != Variant::kFullVocab,
               "opd_fast: variant 'full_vocab' needs the teacher's full logits, not a payload");
   const int64_t rows = student.size(0);
@@ -142,6 +166,12 @@ inline ForwardPlan plan_forward_sparse(
                     values.scalar_type() == plan.acc_dtype && values.device() == student.device(),
                 "opd_fast: teacher_sampled_log_probs must be (N,) ", plan.acc_dtype);
   }
+  plan.student_topk_ids = student_topk_ids.contiguous();
+  plan.teacher_topk_ids = teacher_topk_ids.contiguous();
+  plan.teacher_topk_log_probs = teacher_topk_log_probs.contiguous();
+  plan.teacher_log_probs_at_student = teacher_log_probs_at_student.contiguous();
+  plan.teacher_entropy = teacher_entropy.contiguous();
+  plan.teacher_sampled_log_probs = contiguous_or_undefined(teacher_sampled_log_probs);
   return plan;
 }
 
@@ -197,10 +227,15 @@ inline RowTopkPlan plan_row_topk(const at::Tensor& logits, int64_t k, double tem
   return plan;
 }
 
-inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& student,
-                           const at::Tensor& teacher, const at::Tensor& student_lse,
-                           const at::Tensor& grad_scale, const at::Tensor& sparse_id,
-                           const at::Tensor& sparse_coef, bool full_vocab) {
+// A checked backward call: the inputs as the kernels read them (teacher only with full_vocab).
+struct BackwardPlan {
+  at::Tensor student, teacher, grad_loss, student_lse, grad_scale, sparse_id, sparse_coef;
+};
+
+inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor& student,
+                                  const at::Tensor& teacher, const at::Tensor& student_lse,
+                                  const at::Tensor& grad_scale, const at::Tensor& sparse_id,
+                                  const at::Tensor& sparse_coef, bool full_vocab) {
   TORCH_CHECK(student.dim() == 2, "opd_fast: student_logits must be (N, V)");
   check_logits_dtype(student, "student_logits");
   const int64_t rows = student.size(0);
@@ -223,6 +258,13 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& studen
                     teacher.device() == student.device(),
                 "opd_fast: full_vocab backward needs teacher_logits like student_logits");
   }
+  return BackwardPlan{rows_contiguous(student),
+                      full_vocab ? rows_contiguous(teacher) : at::Tensor(),
+                      grad_loss.contiguous(),
+                      student_lse.contiguous(),
+                      grad_scale.contiguous(),
+                      sparse_id.contiguous(),
+                      sparse_coef.contiguous()};
 }
 
 }  // namespace opd_fast

@@ -42,12 +42,26 @@ void advise_huge_pages(const at::Tensor& t) {
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-cpu::ForwardOutputs output_pointers(ForwardOutputTensors& outputs) {
-  return cpu::ForwardOutputs{int(outputs.sparse_id.size(1)),  outputs.loss.data_ptr(),
-                             outputs.metrics.data_ptr(),      outputs.student_lse.data_ptr(),
-                             outputs.teacher_lse.data_ptr(),  outputs.grad_scale.data_ptr(),
-                             outputs.sparse_id.data_ptr<int64_t>(),
-                             outputs.sparse_coef.data_ptr()};
+// What ForwardArgs and SparseForwardArgs share: the student rows, optional inputs, settings
+// and output pointers.
+template <typename Args>
+void set_forward_args(Args& args, const ForwardPlan& plan, double temperature,
+                      ForwardOutputTensors& outputs) {
+  args.dtype = element_type(plan.student.scalar_type());
+  args.student = plan.student.data_ptr();
+  args.student_row_stride = plan.student.stride(0);
+  args.vocab = plan.student.size(1);
+  args.sampled_ids = plan.sampled_ids.defined() ? plan.sampled_ids.data_ptr<int64_t>() : nullptr;
+  args.row_valid = plan.row_valid.defined() ? plan.row_valid.data_ptr<bool>() : nullptr;
+  args.k = plan.k;
+  args.variant = plan.variant;
+  args.estimator = plan.estimator;
+  args.temperature = temperature;
+  args.out = cpu::ForwardOutputs{int(outputs.sparse_id.size(1)),  outputs.loss.data_ptr(),
+                                 outputs.metrics.data_ptr(),      outputs.student_lse.data_ptr(),
+                                 outputs.teacher_lse.data_ptr(),  outputs.grad_scale.data_ptr(),
+                                 outputs.sparse_id.data_ptr<int64_t>(),
+                                 outputs.sparse_coef.data_ptr()};
 }
 
 // Rows are ~V exps each; a grain of a few rows keeps threads busy without much overhead.
@@ -62,23 +76,11 @@ ForwardResult opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor
                    std::string(variant), std::string(estimator), temperature);
   const int64_t rows = plan.student.size(0);
   ForwardOutputTensors outputs(rows, plan);
-  at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
-  at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
 
   cpu::ForwardArgs args{};
-  args.dtype = element_type(plan.student.scalar_type());
-  args.student = plan.student.data_ptr();
+  set_forward_args(args, plan, temperature, outputs);
   args.teacher = plan.teacher.data_ptr();
-  args.student_row_stride = plan.student.stride(0);
   args.teacher_row_stride = plan.teacher.stride(0);
-  args.vocab = plan.student.size(1);
-  args.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
-  args.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-  args.k = plan.k;
-  args.variant = plan.variant;
-  args.estimator = plan.estimator;
-  args.temperature = temperature;
-  args.out = output_pointers(outputs);
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::forward_rows(args, begin, end);
   });
@@ -89,15 +91,9 @@ at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
                             const at::Tensor& teacher_logits, const at::Tensor& student_lse,
                             const at::Tensor& grad_scale, const at::Tensor& sparse_id,
                             const at::Tensor& sparse_coef, double temperature, bool full_vocab) {
-  check_backward(grad_loss, student_logits, teacher_logits, student_lse, grad_scale, sparse_id,
-                 sparse_coef, full_vocab);
-  const at::Tensor student = rows_contiguous(student_logits);
-  const at::Tensor teacher = full_vocab ? rows_contiguous(teacher_logits) : at::Tensor();
-  const at::Tensor grad_rows = grad_loss.contiguous();
-  const at::Tensor lse = student_lse.contiguous();
-  const at::Tensor scale = grad_scale.contiguous();
-  const at::Tensor ids = sparse_id.contiguous();
-  const at::Tensor coefs = sparse_coef.contiguous();
+  const BackwardPlan plan = plan_backward(grad_loss, student_logits, teacher_logits, student_lse,
+                                          grad_scale, sparse_id, sparse_coef, full_vocab);
+  const at::Tensor& student = plan.student;
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
   advise_huge_pages(grad_student);
   const int64_t rows = student.size(0);
@@ -105,18 +101,18 @@ at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
   cpu::BackwardArgs args{};
   args.dtype = element_type(student.scalar_type());
   args.student = student.data_ptr();
-  args.teacher = full_vocab ? teacher.data_ptr() : nullptr;
+  args.teacher = full_vocab ? plan.teacher.data_ptr() : nullptr;
   args.student_row_stride = student.stride(0);
-  args.teacher_row_stride = full_vocab ? teacher.stride(0) : 0;
+  args.teacher_row_stride = full_vocab ? plan.teacher.stride(0) : 0;
   args.vocab = student.size(1);
   args.temperature = temperature;
   args.full_vocab = full_vocab;
-  args.grad_loss = grad_rows.data_ptr();
-  args.student_lse = lse.data_ptr();
-  args.grad_scale = scale.data_ptr();
-  args.sparse_id = ids.data_ptr<int64_t>();
-  args.sparse_coef = coefs.data_ptr();
-  args.sparse_width = int(ids.size(1));
+  args.grad_loss = plan.grad_loss.data_ptr();
+  args.student_lse = plan.student_lse.data_ptr();
+  args.grad_scale = plan.grad_scale.data_ptr();
+  args.sparse_id = plan.sparse_id.data_ptr<int64_t>();
+  args.sparse_coef = plan.sparse_coef.data_ptr();
+  args.sparse_width = int(plan.sparse_id.size(1));
   args.grad_student = grad_student.data_ptr();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::backward_rows(args, begin, end);
@@ -155,40 +151,23 @@ ForwardResult opd_forward_sparse_cpu(
     const c10::optional<at::Tensor>& teacher_sampled_log_probs,
     const c10::optional<at::Tensor>& row_valid, int64_t k, c10::string_view variant,
     c10::string_view estimator, double temperature) {
-  const ForwardPlan plan = plan_forward_sparse(
+  const SparseForwardPlan plan = plan_forward_sparse(
       student_logits, student_topk_ids, teacher_topk_ids, teacher_topk_log_probs,
       teacher_log_probs_at_student, teacher_entropy, sampled_ids, teacher_sampled_log_probs,
       row_valid, k, std::string(variant), std::string(estimator), temperature);
   const int64_t rows = plan.student.size(0);
   ForwardOutputTensors outputs(rows, plan);
-  const at::Tensor student_ids = student_topk_ids.contiguous();
-  const at::Tensor teacher_ids = teacher_topk_ids.contiguous();
-  const at::Tensor teacher_log_q = teacher_topk_log_probs.contiguous();
-  const at::Tensor student_log_q = teacher_log_probs_at_student.contiguous();
-  const at::Tensor entropy = teacher_entropy.contiguous();
-  const at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
-  const at::Tensor sampled_log_q =
-      teacher_sampled_log_probs.has_value() ? teacher_sampled_log_probs->contiguous() : at::Tensor();
-  const at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
 
   cpu::SparseForwardArgs args{};
-  args.dtype = element_type(plan.student.scalar_type());
-  args.student = plan.student.data_ptr();
-  args.student_row_stride = plan.student.stride(0);
-  args.vocab = plan.student.size(1);
-  args.student_topk_ids = student_ids.data_ptr<int64_t>();
-  args.teacher_topk_ids = teacher_ids.data_ptr<int64_t>();
-  args.teacher_topk_log_probs = teacher_log_q.data_ptr();
-  args.teacher_log_probs_at_student = student_log_q.data_ptr();
-  args.teacher_entropy = entropy.data_ptr();
-  args.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
-  args.teacher_sampled_log_probs = sampled_log_q.defined() ? sampled_log_q.data_ptr() : nullptr;
-  args.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-  args.k = plan.k;
-  args.variant = plan.variant;
-  args.estimator = plan.estimator;
-  args.temperature = temperature;
-  args.out = output_pointers(outputs);
+  set_forward_args(args, plan, temperature, outputs);
+  args.student_topk_ids = plan.student_topk_ids.data_ptr<int64_t>();
+  args.teacher_topk_ids = plan.teacher_topk_ids.data_ptr<int64_t>();
+  args.teacher_topk_log_probs = plan.teacher_topk_log_probs.data_ptr();
+  args.teacher_log_probs_at_student = plan.teacher_log_probs_at_student.data_ptr();
+  args.teacher_entropy = plan.teacher_entropy.data_ptr();
+  args.teacher_sampled_log_probs = plan.teacher_sampled_log_probs.defined()
+                                       ? plan.teacher_sampled_log_probs.data_ptr()
+                                       : nullptr;
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     cpu::sparse_forward_rows(args, begin, end);
   });

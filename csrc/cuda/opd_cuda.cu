@@ -43,10 +43,24 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "opd_fast: ", name, " must be a CUDA tensor, got ", t.device());
 }
 
-// Output pointers of ForwardParams / SparseForwardParams.
+// What ForwardParams and SparseForwardParams share: the student rows, optional inputs,
+// settings and output pointers.
 template <typename Params>
-void point_at_outputs(Params& params, ForwardOutputTensors& out) {
+void set_forward_params(Params& params, const ForwardPlan& plan, double temperature,
+                        ForwardOutputTensors& out) {
+  using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(params.student)>>;
   using acc_t = std::remove_pointer_t<decltype(params.loss)>;
+  params.student = static_cast<const scalar_t*>(plan.student.data_ptr());
+  params.student_row_stride = plan.student.stride(0);
+  params.rows = plan.student.size(0);
+  params.vocab = plan.student.size(1);
+  params.sampled_ids = plan.sampled_ids.defined() ? plan.sampled_ids.data_ptr<int64_t>() : nullptr;
+  params.row_valid = plan.row_valid.defined() ? plan.row_valid.data_ptr<bool>() : nullptr;
+  params.k = plan.k;
+  params.variant = plan.variant;
+  params.estimator = plan.estimator;
+  params.inv_tau = acc_t(1) / acc_t(temperature);
+  params.sparse_width = plan.sparse_width;
   params.loss = static_cast<acc_t*>(out.loss.data_ptr());
   params.metrics = static_cast<acc_t*>(out.metrics.data_ptr());
   params.student_lse = static_cast<acc_t*>(out.student_lse.data_ptr());
@@ -71,8 +85,6 @@ opd_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_log
   TORCH_CHECK(rows <= kMaxRowsOrVocab && vocab <= kMaxRowsOrVocab,
               "opd_fast: the CUDA kernels need N and V below 2^31, got ", plan.student.sizes());
   ForwardOutputTensors out(rows, plan);
-  at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
-  at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
   if (rows == 0) {
     return out.as_tuple();
   }
@@ -82,20 +94,9 @@ opd_forward_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_log
     using scalar_t = decltype(element);
     using acc_t = typename kernels::Element<scalar_t>::acc_t;
     kernels::ForwardParams<scalar_t> params{};
-    params.student = static_cast<const scalar_t*>(plan.student.data_ptr());
+    set_forward_params(params, plan, temperature, out);
     params.teacher = static_cast<const scalar_t*>(plan.teacher.data_ptr());
-    params.student_row_stride = plan.student.stride(0);
     params.teacher_row_stride = plan.teacher.stride(0);
-    params.rows = rows;
-    params.vocab = vocab;
-    params.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
-    params.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-    params.k = plan.k;
-    params.variant = plan.variant;
-    params.estimator = plan.estimator;
-    params.inv_tau = acc_t(1) / acc_t(temperature);
-    params.sparse_width = plan.sparse_width;
-    point_at_outputs(params, out);
     C10_CUDA_CHECK(kernels::launch_opd_forward(params, stream));
   });
   return out.as_tuple();
@@ -106,21 +107,15 @@ at::Tensor opd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& stud
                              const at::Tensor& grad_scale, const at::Tensor& sparse_id,
                              const at::Tensor& sparse_coef, double temperature,
                              bool full_vocab) {
-  check_backward(grad_loss, student_logits, teacher_logits, student_lse, grad_scale, sparse_id,
-                 sparse_coef, full_vocab);
-  check_cuda(student_logits, "student_logits");
-  const c10::cuda::CUDAGuard device_guard(student_logits.device());
-  const at::Tensor student = rows_contiguous(student_logits);
-  const at::Tensor teacher = full_vocab ? rows_contiguous(teacher_logits) : at::Tensor();
-  const at::Tensor grad_rows = grad_loss.contiguous();
-  const at::Tensor lse = student_lse.contiguous();
-  const at::Tensor scale = grad_scale.contiguous();
-  const at::Tensor ids = sparse_id.contiguous();
-  const at::Tensor coefs = sparse_coef.contiguous();
+  const BackwardPlan plan = plan_backward(grad_loss, student_logits, teacher_logits, student_lse,
+                                          grad_scale, sparse_id, sparse_coef, full_vocab);
+  check_cuda(plan.student, "student_logits");
+  const c10::cuda::CUDAGuard device_guard(plan.student.device());
+  const at::Tensor& student = plan.student;
   at::Tensor grad_student = at::empty(student.sizes(), student.options());
   const int64_t rows = student.size(0);
   const int64_t vocab = student.size(1);
-  TORCH_CHECK(rows <= kMaxRowsOrVocab && ids.size(1) <= kMaxRowsOrVocab,
+  TORCH_CHECK(rows <= kMaxRowsOrVocab && plan.sparse_id.size(1) <= kMaxRowsOrVocab,
               "opd_fast: the CUDA kernels need N and the sparse width below 2^31");
   if (grad_student.numel() == 0) return grad_student;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index());
@@ -130,19 +125,19 @@ at::Tensor opd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& stud
     using acc_t = typename kernels::Element<scalar_t>::acc_t;
     kernels::BackwardParams<scalar_t> params{};
     params.student = static_cast<const scalar_t*>(student.data_ptr());
-    params.teacher = full_vocab ? static_cast<const scalar_t*>(teacher.data_ptr()) : nullptr;
+    params.teacher = full_vocab ? static_cast<const scalar_t*>(plan.teacher.data_ptr()) : nullptr;
     params.student_row_stride = student.stride(0);
-    params.teacher_row_stride = full_vocab ? teacher.stride(0) : 0;
+    params.teacher_row_stride = full_vocab ? plan.teacher.stride(0) : 0;
     params.rows = rows;
     params.vocab = vocab;
     params.inv_tau = acc_t(1) / acc_t(temperature);
     params.full_vocab = full_vocab;
-    params.grad_loss = static_cast<const acc_t*>(grad_rows.data_ptr());
-    params.student_lse = static_cast<const acc_t*>(lse.data_ptr());
-    params.grad_scale = static_cast<const acc_t*>(scale.data_ptr());
-    params.sparse_id = ids.data_ptr<int64_t>();
-    params.sparse_coef = static_cast<const acc_t*>(coefs.data_ptr());
-    params.sparse_width = static_cast<int>(ids.size(1));
+    params.grad_loss = static_cast<const acc_t*>(plan.grad_loss.data_ptr());
+    params.student_lse = static_cast<const acc_t*>(plan.student_lse.data_ptr());
+    params.grad_scale = static_cast<const acc_t*>(plan.grad_scale.data_ptr());
+    params.sparse_id = plan.sparse_id.data_ptr<int64_t>();
+    params.sparse_coef = static_cast<const acc_t*>(plan.sparse_coef.data_ptr());
+    params.sparse_width = static_cast<int>(plan.sparse_id.size(1));
     params.grad_student = static_cast<scalar_t*>(grad_student.data_ptr());
     C10_CUDA_CHECK(kernels::launch_opd_backward(params, stream));
   });
@@ -193,7 +188,7 @@ opd_forward_sparse_cuda(const at::Tensor& student_logits, const at::Tensor& stud
                         const c10::optional<at::Tensor>& row_valid, int64_t k,
                         c10::string_view variant, c10::string_view estimator,
                         double temperature) {
-  const ForwardPlan plan = plan_forward_sparse(
+  const SparseForwardPlan plan = plan_forward_sparse(
       student_logits, student_topk_ids, teacher_topk_ids, teacher_topk_log_probs,
       teacher_log_probs_at_student, teacher_entropy, sampled_ids, teacher_sampled_log_probs,
       row_valid, k, std::string(variant), std::string(estimator), temperature);
@@ -207,41 +202,23 @@ opd_forward_sparse_cuda(const at::Tensor& student_logits, const at::Tensor& stud
   if (rows == 0) {
     return out.as_tuple();
   }
-  const at::Tensor student_ids = student_topk_ids.contiguous();
-  const at::Tensor teacher_ids = teacher_topk_ids.contiguous();
-  const at::Tensor teacher_log_q = teacher_topk_log_probs.contiguous();
-  const at::Tensor student_log_q = teacher_log_probs_at_student.contiguous();
-  const at::Tensor entropy = teacher_entropy.contiguous();
-  const at::Tensor ids = sampled_ids.has_value() ? sampled_ids->contiguous() : at::Tensor();
-  const at::Tensor sampled_log_q = teacher_sampled_log_probs.has_value()
-                                       ? teacher_sampled_log_probs->contiguous()
-                                       : at::Tensor();
-  const at::Tensor valid = row_valid.has_value() ? row_valid->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.student.device().index());
 
   dispatch_logits_dtype(plan.student.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     using acc_t = typename kernels::Element<scalar_t>::acc_t;
     kernels::SparseForwardParams<scalar_t> params{};
-    params.student = static_cast<const scalar_t*>(plan.student.data_ptr());
-    params.student_row_stride = plan.student.stride(0);
-    params.rows = rows;
-    params.vocab = vocab;
-    params.student_topk_ids = student_ids.data_ptr<int64_t>();
-    params.teacher_topk_ids = teacher_ids.data_ptr<int64_t>();
-    params.teacher_topk_log_probs = static_cast<const acc_t*>(teacher_log_q.data_ptr());
-    params.teacher_log_probs_at_student = static_cast<const acc_t*>(student_log_q.data_ptr());
-    params.teacher_entropy = static_cast<const acc_t*>(entropy.data_ptr());
-    params.sampled_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    set_forward_params(params, plan, temperature, out);
+    params.student_topk_ids = plan.student_topk_ids.data_ptr<int64_t>();
+    params.teacher_topk_ids = plan.teacher_topk_ids.data_ptr<int64_t>();
+    params.teacher_topk_log_probs = static_cast<const acc_t*>(plan.teacher_topk_log_probs.data_ptr());
+    params.teacher_log_probs_at_student =
+        static_cast<const acc_t*>(plan.teacher_log_probs_at_student.data_ptr());
+    params.teacher_entropy = static_cast<const acc_t*>(plan.teacher_entropy.data_ptr());
     params.teacher_sampled_log_probs =
-        sampled_log_q.defined() ? static_cast<const acc_t*>(sampled_log_q.data_ptr()) : nullptr;
-    params.row_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
-    params.k = plan.k;
-    params.variant = plan.variant;
-    params.estimator = plan.estimator;
-    params.inv_tau = acc_t(1) / acc_t(temperature);
-    params.sparse_width = plan.sparse_width;
-    point_at_outputs(params, out);
+        plan.teacher_sampled_log_probs.defined()
+            ? static_cast<const acc_t*>(plan.teacher_sampled_log_probs.data_ptr())
+            : nullptr;
     C10_CUDA_CHECK(kernels::launch_opd_forward_sparse(params, stream));
   });
   return out.as_tuple();
