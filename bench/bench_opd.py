@@ -342,6 +342,21 @@ def run_impl(spec):
     return out
 
 
+def error_rows(spec, reason: str) -> list[dict]:
+    """One "error" result row per mode of `spec`, for a configuration that could not run."""
+    return [
+        {
+            "impl": spec["impl"],
+            "mode": mode,
+            "N": spec["rows"],
+            "dtype": spec["dtype"],
+            "status": "error",
+            "reason": reason,
+        }
+        for mode in spec["modes"]
+    ]
+
+
 def run_isolated(spec, timeout_s):
     """run_impl in a fresh Python process (clean RSS for the memory measurement)."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
@@ -846,32 +861,12 @@ def main(argv=None):
                     timeout = 60 + len(args.modes) * (3 * args.max_row_s + args.max_call_s + 600)
                     result, why = run_isolated(spec, timeout)
                     if result is None:
-                        result = [
-                            {
-                                "impl": impl,
-                                "mode": m,
-                                "N": rows,
-                                "dtype": dtype,
-                                "status": "error",
-                                "reason": why,
-                            }
-                            for m in args.modes
-                        ]
+                        result = error_rows(spec, why)
                 else:
                     try:
                         result = run_impl(spec)
                     except Exception as error:  # e.g. out of memory making the inputs
-                        result = [
-                            {
-                                "impl": impl,
-                                "mode": m,
-                                "N": rows,
-                                "dtype": dtype,
-                                "status": "error",
-                                "reason": f"{type(error).__name__}: {error}"[:500],
-                            }
-                            for m in args.modes
-                        ]
+                        result = error_rows(spec, f"{type(error).__name__}: {error}"[:500])
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
