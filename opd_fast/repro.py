@@ -240,15 +240,16 @@ def write_report(
         win = [r.get(metric) for r in results[winner]]
         lose = [r.get(metric) for r in results[loser]]
         verdict, difference = judge(win, lose)
+        win_stats, lose_stats = _stats(win), _stats(lose)
         lines.append(
-            f"| ({key}) | {finding} | {metric} | {winner} {_fmt(*_stats(win))} vs "
-            f"{loser} {_fmt(*_stats(lose))} | {paper} | {verdict} |"
+            f"| ({key}) | {finding} | {metric} | {winner} {_fmt(*win_stats)} vs "
+            f"{loser} {_fmt(*lose_stats)} | {paper} | {verdict} |"
         )
         if verdict != "reproduced" and difference is not None:
-            spread = max(_stats(win)[1], _stats(lose)[1])
+            spread = max(win_stats[1], lose_stats[1])
             seen_instead.append(
                 f"- ({key}) {finding}: the paper expects run {winner} above run {loser} in "
-                f"{metric}; we saw {_fmt(*_stats(win))} and {_fmt(*_stats(lose))}, a "
+                f"{metric}; we saw {_fmt(*win_stats)} and {_fmt(*lose_stats)}, a "
                 f"difference of {difference:+.3f} against a seed spread of up to {spread:.3f}."
             )
     if seen_instead:

@@ -39,13 +39,11 @@ def synonyms(
     group = SLOTS.index(canonical)
     extra = spec.synonyms_per_slot - 1
     words = [canonical] + [filler_word(group * extra + i) for i in range(extra)]
-    if pattern == "other":
-        half = len(words) // 2
-        words = words[half:] + words[:half]
-    elif pattern != "chain":
+    if pattern not in ("chain", "other"):
         raise ValueError(f"unknown pattern {pattern!r}")
-    shift %= len(words)
-    words = words[shift:] + words[:shift]
+    # The other pattern's ranking is the chain ranking rotated by half the set.
+    start = ((len(words) // 2 if pattern == "other" else 0) + shift) % len(words)
+    words = words[start:] + words[:start]
     weights = [(rank + 1) ** -spec.synonym_zipf for rank in range(len(words))]
     total = sum(weights)
     return words, [w / total for w in weights]
