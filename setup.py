@@ -52,16 +52,18 @@ def _gencode_flags() -> list[str]:
 
 
 def _extension():
-    cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # csrc/kernels: torch-free kernels; csrc/launchers: ATen launchers; registration.cpp: the ops.
+    cpu_sources = ["csrc/registration.cpp", "csrc/bindings.cpp"]
+    cpu_sources += sorted(glob.glob("csrc/kernels/cpu/*.cpp") + glob.glob("csrc/launchers/*.cpp"))
     version_macro = f'-DOPD_FAST_TORCH_VERSION="{torch.__version__.split("+")[0]}"'
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", version_macro]
-    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
     if _cuda_requested():
         # The arch list is ours; keep torch from probing for a GPU to choose one.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             name="opd_fast._C",
-            sources=cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            sources=cpu_sources + sorted(glob.glob("csrc/launchers/*.cu")),
             include_dirs=include_dirs,
             define_macros=[("OPD_FAST_WITH_CUDA", None)],
             extra_compile_args={

@@ -1,9 +1,9 @@
 // The compiled module opd_fast._C. Importing it runs the TORCH_LIBRARY registrations in
-// ops.cpp, cpu/opd_cpu.cpp and (when built) cuda/opd_cuda.cu; Python then calls the ops
+// registration.cpp, launchers/cpu.cpp and (when built) launchers/cuda.cu; Python then calls the ops
 // through torch.ops.opd_fast. The module itself only reports how it was built.
 #include <torch/extension.h>
 
-#include "cpu/row_stream.h"
+#include "kernels/cpu/kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "opd_fast compiled kernels (ops are registered under torch.ops.opd_fast)";

@@ -1,4 +1,4 @@
-// Torch-free test of the CPU row kernels (row_stream.h) against a naive double-precision
+// Torch-free test of the CPU row kernels (kernels/cpu/kernels.h) against a naive double-precision
 // computation: top-k sets with lower-id ties, log-partition, entropy, and the full-vocab loss.
 #include <algorithm>
 #include <cmath>
@@ -7,7 +7,7 @@
 #include <random>
 #include <vector>
 
-#include "cpu/row_stream.h"
+#include "kernels/cpu/kernels.h"
 
 namespace {
 

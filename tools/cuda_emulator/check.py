@@ -24,35 +24,37 @@ import numpy as np
 import torch
 
 import opd_fast  # noqa: F401  (registers the ops)
-from opd_fast.reference import ESTIMATORS, VARIANTS  # in the kernels' enum order
+from opd_fast import ESTIMATORS, VARIANTS  # in the kernels' enum order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADERS = os.path.join(HERE, "..", "..", "csrc", "include", "opd_fast")
+KERNELS = os.path.join(HERE, "..", "..", "csrc", "kernels")
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 INF, NAN = float("inf"), float("nan")
 ops = torch.ops.opd_fast
 
 
 def host_headers(out_dir: str) -> str:
-    """The kernel headers with what the host cannot compile replaced: dynamic shared memory
-    becomes a static buffer and the <<<...>>> launchers are dropped."""
-    target = os.path.join(out_dir, "opd_fast")
-    os.makedirs(target)
-    launchers = {"opd_forward.cuh": "// Launcher", "opd_backward.cuh": "// Runs the backward"}
-    launchers["opd_sparse.cuh"] = "// Launchers"
-    for name in os.listdir(HEADERS):
-        with open(os.path.join(HEADERS, name)) as handle:
-            text = handle.read()
-        for smem in ("dynamic_smem", "topk_smem"):
-            text = text.replace(
-                f"extern __shared__ __align__(16) unsigned char {smem}[];",
-                f"unsigned char* {smem} = g_dynamic_smem;",
-            )
-        if name in launchers:
-            begin = text.index(launchers[name])
-            text = text[:begin] + "\n" + text[text.index("}  // namespace kernels") :]
-        with open(os.path.join(target, name), "w") as handle:
-            handle.write(text)
+    """csrc/kernels as kernels/ under out_dir, with what the host cannot compile replaced:
+    dynamic shared memory becomes a static buffer and the <<<...>>> launchers are dropped."""
+    for sub in ("", "cuda"):
+        os.makedirs(os.path.join(out_dir, "kernels", sub), exist_ok=True)
+        for name in os.listdir(os.path.join(KERNELS, sub)):
+            if not name.endswith((".h", ".cuh")):
+                continue
+            with open(os.path.join(KERNELS, sub, name)) as handle:
+                text = handle.read()
+            for smem in ("dynamic_smem", "topk_smem"):
+                text = text.replace(
+                    f"extern __shared__ __align__(16) unsigned char {smem}[];",
+                    f"unsigned char* {smem} = g_dynamic_smem;",
+                )
+            for marker in ("// Launcher", "// Runs the backward"):
+                if marker in text:
+                    begin = text.index(marker)
+                    text = text[:begin] + "\n" + text[text.index("}  // namespace kernels") :]
+                    break
+            with open(os.path.join(out_dir, "kernels", sub, name), "w") as handle:
+                handle.write(text)
     return out_dir
 
 

@@ -3,8 +3,8 @@
 // argv[2]. The backward runs from the CPU op's forward results, so each kernel is checked alone.
 #include "emu_prelude.h"
 #include "harness_main.h"
-#include "opd_fast/opd_forward.cuh"
-#include "opd_fast/opd_backward.cuh"
+#include "kernels/cuda/opd_forward.cuh"
+#include "kernels/cuda/opd_backward.cuh"
 #include <cstdio>
 using namespace opd_fast;
 using namespace opd_fast::kernels;

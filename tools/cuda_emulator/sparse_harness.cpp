@@ -2,8 +2,8 @@
 // written by check.py: reads the case file argv[1], writes the outputs to argv[2].
 #include "emu_prelude.h"
 #include "harness_main.h"
-#include "opd_fast/opd_forward.cuh"
-#include "opd_fast/opd_sparse.cuh"
+#include "kernels/cuda/opd_forward.cuh"
+#include "kernels/cuda/opd_sparse.cuh"
 #include <cstdio>
 using namespace opd_fast;
 using namespace opd_fast::kernels;

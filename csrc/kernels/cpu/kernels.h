@@ -1,9 +1,9 @@
-// Torch-free interface of the CPU row kernels (row_stream.inc), used by opd_cpu.cpp.
+// Torch-free interface of the CPU row kernels (streaming.inc), used by launchers/cpu.cpp.
 #pragma once
 
 #include <cstdint>
 
-#include "opd_fast/row_loss.h"
+#include "kernels/row_loss.h"
 
 namespace opd_fast::cpu {
 

@@ -5,7 +5,7 @@
 //     grad_j = (g / tau) * ( p_j * (C + D * (z_j - u_j) / tau) - coef(j) )
 //     p_j = exp(z_j / tau - lse_s)   (0 where z_j = -inf),  D = 1 only for full_vocab,
 // coef(j) non-zero only at the <= W listed sparse ids. Same as backward_rows_impl in
-// ../../cpu/row_stream.inc.
+// csrc/kernels/cpu/streaming.inc.
 //
 // Shapes: student (N, V) (and teacher (N, V) for full_vocab) with unit stride along V and any
 // row stride; grad_loss, student_lse, grad_scale (N,) and sparse_coef (N, W) in the
@@ -23,7 +23,7 @@
 
 #include <cstdint>
 
-#include "opd_fast/cuda_common.cuh"
+#include "kernels/cuda/common.cuh"
 
 namespace opd_fast {
 namespace kernels {

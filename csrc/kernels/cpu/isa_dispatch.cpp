@@ -1,6 +1,6 @@
-// Compiles row_stream.inc once per x86 instruction set and picks one at run time, so the
+// Compiles streaming.inc once per x86 instruction set and picks one at run time, so the
 // same build is fast on AVX-512 machines and still runs on any x86-64 (or other) CPU.
-#include "row_stream.h"
+#include "kernels/cpu/kernels.h"
 
 #include <cmath>
 #include <cstdint>
@@ -13,20 +13,20 @@ namespace opd_fast::cpu {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
 namespace avx512 {
-#include "row_stream.inc"
+#include "kernels/cpu/streaming.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi2")
 namespace avx2 {
-#include "row_stream.inc"
+#include "kernels/cpu/streaming.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 
 namespace baseline {
-#include "row_stream.inc"
+#include "kernels/cpu/streaming.inc"
 }  // namespace baseline
 
 namespace {

@@ -1,7 +1,7 @@
 // row_topk and the sparse-teacher forward (opd_forward_sparse) on the GPU. Torch-free:
 // __global__ kernels and host launchers returning cudaError_t. They reuse the streaming
 // machinery of opd_forward.cuh (online softmax state, warp running top-k, bitonic merge) and
-// mirror topk_rows_impl / sparse_forward_rows_impl of ../../cpu/row_stream.inc.
+// mirror topk_rows_impl / sparse_forward_rows_impl of csrc/kernels/cpu/streaming.inc.
 //
 // row_topk, per row x (V,): one CTA of kForwardThreads streams the row once, keeping an online
 // softmax state per thread and a running top-k per warp; the states are reduced over the
@@ -13,7 +13,7 @@
 //
 // opd_forward_sparse, per row: one CTA streams the student row for its lse and entropy (no
 // top-k), gathers log p at the payload's student and teacher top-k ids (ids outside [0, V)
-// give NaN and are never read), then thread 0 runs finish_row of row_stream.inc:
+// give NaN and are never read), then thread 0 runs finish_row of streaming.inc:
 // union_candidates + row_metrics + row_loss. teacher_lse is written as 0; the teacher's
 // entropy and log q at the sampled token come from the payload. Rows left out by row_valid
 // write zeros and sparse_id = -1. Outputs as in opd_forward.cuh (sparse width W >= 2k).
@@ -23,10 +23,10 @@
 
 #include <cstdint>
 
-#include "opd_fast/cuda_common.cuh"
-#include "opd_fast/opd_forward.cuh"
-#include "opd_fast/row_loss.h"
-#include "opd_fast/warp_topk.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/opd_forward.cuh"
+#include "kernels/row_loss.h"
+#include "kernels/cuda/warp_topk.cuh"
 
 namespace opd_fast {
 namespace kernels {

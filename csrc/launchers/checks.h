@@ -8,7 +8,7 @@
 
 #include <ATen/ATen.h>
 
-#include "opd_fast/row_loss.h"
+#include "kernels/row_loss.h"
 
 namespace opd_fast {
 

@@ -1,5 +1,5 @@
 // CPU implementations of opd_fast::opd_forward / opd_backward: checks, output allocation and
-// a parallel loop over rows; the per-row work is in row_stream.inc.
+// a parallel loop over rows; the per-row work is in csrc/kernels/cpu/.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "../op_checks.h"
-#include "row_stream.h"
+#include "launchers/checks.h"
+#include "kernels/cpu/kernels.h"
 
 namespace opd_fast {
 namespace {

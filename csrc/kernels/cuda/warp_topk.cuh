@@ -26,7 +26,7 @@
 
 #include <cstdint>
 
-#include "opd_fast/cuda_common.cuh"
+#include "kernels/cuda/common.cuh"
 
 namespace opd_fast {
 namespace kernels {

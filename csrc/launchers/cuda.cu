@@ -1,7 +1,7 @@
 // CUDA implementations of opd_fast::opd_forward / opd_backward / row_topk /
 // opd_forward_sparse: device guard, current stream and dtype dispatch around the checks and
-// output allocation shared with the CPU launchers (../op_checks.h); the kernels are in
-// ../include/opd_fast/opd_{forward,backward,sparse}.cuh.
+// output allocation shared with the CPU launchers (checks.h); the kernels are in
+// csrc/kernels/cuda/opd_{forward,backward,sparse}.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,10 +17,10 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../op_checks.h"
-#include "opd_fast/opd_backward.cuh"
-#include "opd_fast/opd_forward.cuh"
-#include "opd_fast/opd_sparse.cuh"
+#include "launchers/checks.h"
+#include "kernels/cuda/opd_backward.cuh"
+#include "kernels/cuda/opd_forward.cuh"
+#include "kernels/cuda/opd_sparse.cuh"
 
 namespace opd_fast {
 namespace {

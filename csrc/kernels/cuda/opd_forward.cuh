@@ -2,7 +2,7 @@
 // Torch-free: a __global__ kernel and a host launcher returning cudaError_t.
 //
 // Math (per row; z = student logits, u = teacher logits, both (V,), tau = temperature), the
-// same as the CPU kernels in ../../cpu/row_stream.inc:
+// same as the CPU kernels in csrc/kernels/cpu/streaming.inc:
 //   lse_s = log sum_j exp(z_j / tau)          H(p) = lse_s - sum_j p_j z_j / tau
 //   lse_t = log sum_j exp(u_j / tau)          H(q) likewise
 //   full_vocab: KL(p || q) = sum_j p_j (z_j - u_j) / tau - lse_s + lse_t
@@ -36,9 +36,9 @@
 
 #include <cstdint>
 
-#include "opd_fast/cuda_common.cuh"
-#include "opd_fast/row_loss.h"
-#include "opd_fast/warp_topk.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/row_loss.h"
+#include "kernels/cuda/warp_topk.cuh"
 
 namespace opd_fast {
 namespace kernels {
@@ -97,7 +97,7 @@ __device__ __forceinline__ SoftmaxState<acc_t> softmax_empty() {
 }
 
 // Adds x[0, N) (and other[0, N) to the cross term when kCross): OnlineSoftmax::add_block of
-// row_stream.inc for one thread's vector.
+// streaming.inc for one thread's vector.
 template <bool kCross, typename acc_t, int N>
 __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const acc_t (&x)[N],
                                             const acc_t (&other)[N], acc_t inv_tau) {
@@ -192,7 +192,7 @@ __device__ __forceinline__ acc_t softmax_entropy(const SoftmaxState<acc_t>& s) {
 }
 
 // A top-k list that NaNs kept short (its tail decoded to id -1) is filled with the lowest
-// ids it does not hold, valued NaN: RunningTopk::fill_if_short of row_stream.inc. Such a row
+// ids it does not hold, valued NaN: RunningTopk::fill_if_short of streaming.inc. Such a row
 // has a NaN log-partition; this only keeps every id in range. One thread.
 template <typename acc_t>
 __device__ void fill_if_short(int64_t* ids, acc_t* values, int k) {

@@ -1,4 +1,4 @@
-// The opd_fast operator schemas; backends register in cpu/opd_cpu.cpp and cuda/opd_cuda.cu.
+// The opd_fast operator schemas; backends register in launchers/cpu.cpp and launchers/cuda.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY(opd_fast, m) {
