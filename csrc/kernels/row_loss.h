@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/names.h"
+
 #if defined(__CUDACC__)
 #define OPD_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -20,37 +22,6 @@
 #endif
 
 namespace opd_fast {
-
-enum class Variant : int {
-  kStudentTopk = 0,
-  kTeacherTopk = 1,
-  kOverlapTopk = 2,
-  kNonoverlapTopk = 3,
-  kUnionTopk = 4,
-  kFullVocab = 5,
-  kSampledToken = 6,
-};
-
-enum class Estimator : int { kPg = 0, kExact = 1 };
-
-// Per-token metrics, in the order of opd_fast.reference.TOKEN_METRIC_NAMES.
-enum Metric : int {
-  kOverlapRatio = 0,
-  kOverlapMassStudent,
-  kOverlapMassTeacher,
-  kOverlapTokenAdvantage,
-  kEntropyStudent,
-  kEntropyTeacher,
-  kEntropyGap,
-  kStudentTopkMass,
-  kTeacherTopkMass,
-  kSampledTokenKl,
-  kNumMetrics,
-};
-
-// Largest k the kernels accept; the candidate union holds at most 2 * kMaxK ids.
-constexpr int kMaxK = 128;
-constexpr int kMaxCandidates = 2 * kMaxK;
 
 // What a streaming pass knows about one row, all in the tempered space (logits / tau).
 template <typename acc_t>
@@ -65,6 +36,19 @@ struct RowStats {
   acc_t sampled_log_q;    // log q(y_t)
   int64_t sampled_id;     // y_t
 };
+
+// Records the sampled token y_t of a row of `vocab` ids. An id out of range becomes -1 with NaN
+// log p and log q (the row's sampled_token loss is NaN, never an out-of-bounds read). Returns
+// whether y_t is in range, i.e. whether the caller may read the logits at it.
+template <typename acc_t>
+OPD_HOST_DEVICE bool set_sampled_token(RowStats<acc_t>& stats, int64_t sampled, int64_t vocab) {
+  const bool in_range = sampled >= 0 && sampled < vocab;
+  stats.has_sampled = true;
+  stats.sampled_id = in_range ? sampled : int64_t(-1);
+  stats.sampled_log_p = acc_t(NAN);
+  stats.sampled_log_q = acc_t(NAN);
+  return in_range;
+}
 
 // The union of both top-k sets, each id once.
 template <typename acc_t>

@@ -82,7 +82,7 @@ ForwardResult opd_forward_cpu(const at::Tensor& student_logits, const at::Tensor
   args.teacher = plan.teacher.data_ptr();
   args.teacher_row_stride = plan.teacher.stride(0);
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    cpu::forward_rows(args, begin, end);
+    cpu::run_rows(args, begin, end);
   });
   return outputs.as_tuple();
 }
@@ -115,7 +115,7 @@ at::Tensor opd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
   args.sparse_width = int(plan.sparse_id.size(1));
   args.grad_student = grad_student.data_ptr();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    cpu::backward_rows(args, begin, end);
+    cpu::run_rows(args, begin, end);
   });
   return grad_student;
 }
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_topk_cpu(const at
   args.lse = plan.lse.data_ptr();
   args.entropy = plan.entropy.data_ptr();
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    cpu::topk_rows(args, begin, end);
+    cpu::run_rows(args, begin, end);
   });
   return plan.as_tuple();
 }
@@ -169,7 +169,7 @@ ForwardResult opd_forward_sparse_cpu(
                                        ? plan.teacher_sampled_log_probs.data_ptr()
                                        : nullptr;
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    cpu::sparse_forward_rows(args, begin, end);
+    cpu::run_rows(args, begin, end);
   });
   return outputs.as_tuple();
 }

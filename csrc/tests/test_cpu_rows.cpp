@@ -65,7 +65,7 @@ void test_topk_rows(int vocab, int k, double tau, bool ties, unsigned seed) {
   args.log_probs = log_probs.data();
   args.lse = &lse;
   args.entropy = &entropy;
-  opd_fast::cpu::topk_rows(args, 0, 1);
+  opd_fast::cpu::run_rows(args, 0, 1);
 
   const std::vector<int64_t> expected = naive_topk(row, k);
   if (ids != expected) {
@@ -105,7 +105,7 @@ void test_full_vocab_loss(int vocab, unsigned seed) {
   args.temperature = 1.0;
   args.out = {width, &loss, metrics.data(), &student_lse, &teacher_lse, &grad_scale,
               sparse_id.data(), coef.data()};
-  opd_fast::cpu::forward_rows(args, 0, 1);
+  opd_fast::cpu::run_rows(args, 0, 1);
 
   double lse_p = 0, lse_q = 0, unused = 0;
   naive_softmax_stats(student, 1.0, &lse_p, &unused);

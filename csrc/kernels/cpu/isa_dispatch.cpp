@@ -1,5 +1,6 @@
-// Compiles streaming.inc once per x86 instruction set and picks one at run time, so the
-// same build is fast on AVX-512 machines and still runs on any x86-64 (or other) CPU.
+// Compiles the CPU kernels (entry_points.inc) once per x86 instruction set and picks one at run
+// time, so the same build is fast on AVX-512 machines and still runs on any x86-64 (or other)
+// CPU.
 #include "kernels/cpu/kernels.h"
 
 #include <cmath>
@@ -13,20 +14,20 @@ namespace opd_fast::cpu {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")
 namespace avx512 {
-#include "kernels/cpu/streaming.inc"
+#include "kernels/cpu/entry_points.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi2")
 namespace avx2 {
-#include "kernels/cpu/streaming.inc"
+#include "kernels/cpu/entry_points.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 
 namespace baseline {
-#include "kernels/cpu/streaming.inc"
+#include "kernels/cpu/entry_points.inc"
 }  // namespace baseline
 
 namespace {
@@ -49,36 +50,28 @@ const Isa kIsa = detect_isa();
 
 }  // namespace
 
-void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end) {
+// The kernels of the instruction set chosen at load time; the branch is per call (a range of
+// rows), never per element.
+template <typename Args>
+void run_on_this_cpu(const Args& args, int64_t row_begin, int64_t row_end) {
 #ifdef OPD_FAST_MULTI_ISA
-  if (kIsa == Isa::kAvx512) return avx512::forward_dispatch(args, row_begin, row_end);
-  if (kIsa == Isa::kAvx2) return avx2::forward_dispatch(args, row_begin, row_end);
+  if (kIsa == Isa::kAvx512) return avx512::run_rows(args, row_begin, row_end);
+  if (kIsa == Isa::kAvx2) return avx2::run_rows(args, row_begin, row_end);
 #endif
-  baseline::forward_dispatch(args, row_begin, row_end);
+  baseline::run_rows(args, row_begin, row_end);
 }
 
-void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end) {
-#ifdef OPD_FAST_MULTI_ISA
-  if (kIsa == Isa::kAvx512) return avx512::backward_dispatch(args, row_begin, row_end);
-  if (kIsa == Isa::kAvx2) return avx2::backward_dispatch(args, row_begin, row_end);
-#endif
-  baseline::backward_dispatch(args, row_begin, row_end);
+void run_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end) {
+  run_on_this_cpu(args, row_begin, row_end);
 }
-
-void topk_rows(const TopkArgs& args, int64_t row_begin, int64_t row_end) {
-#ifdef OPD_FAST_MULTI_ISA
-  if (kIsa == Isa::kAvx512) return avx512::topk_dispatch(args, row_begin, row_end);
-  if (kIsa == Isa::kAvx2) return avx2::topk_dispatch(args, row_begin, row_end);
-#endif
-  baseline::topk_dispatch(args, row_begin, row_end);
+void run_rows(const SparseForwardArgs& args, int64_t row_begin, int64_t row_end) {
+  run_on_this_cpu(args, row_begin, row_end);
 }
-
-void sparse_forward_rows(const SparseForwardArgs& args, int64_t row_begin, int64_t row_end) {
-#ifdef OPD_FAST_MULTI_ISA
-  if (kIsa == Isa::kAvx512) return avx512::sparse_forward_dispatch(args, row_begin, row_end);
-  if (kIsa == Isa::kAvx2) return avx2::sparse_forward_dispatch(args, row_begin, row_end);
-#endif
-  baseline::sparse_forward_dispatch(args, row_begin, row_end);
+void run_rows(const TopkArgs& args, int64_t row_begin, int64_t row_end) {
+  run_on_this_cpu(args, row_begin, row_end);
+}
+void run_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end) {
+  run_on_this_cpu(args, row_begin, row_end);
 }
 
 const char* instruction_set() {

@@ -1,4 +1,6 @@
-// Torch-free interface of the CPU row kernels (streaming.inc), used by launchers/cpu.cpp.
+// Torch-free interface of the CPU row kernels (opd_forward.inc, opd_sparse.inc,
+// opd_backward.inc), used by launchers/cpu.cpp: one argument struct per op and run_rows, which
+// runs rows [row_begin, row_end) of it with the widest instruction set this CPU has.
 #pragma once
 
 #include <cstdint>
@@ -29,12 +31,11 @@ struct ForwardOutputs {
   void* sparse_coef;   // (N, sparse_width)
 };
 
-struct ForwardArgs {
+// What both forward ops read and write besides the teacher.
+struct ForwardRowArgs {
   ElementType dtype;
   const void* student;  // (N, V), unit stride along V
-  const void* teacher;  // (N, V)
   int64_t student_row_stride;
-  int64_t teacher_row_stride;
   int64_t vocab;
   const int64_t* sampled_ids;  // (N,) or nullptr
   const bool* row_valid;       // (N,) or nullptr: skipped rows write zeros
@@ -45,25 +46,19 @@ struct ForwardArgs {
   ForwardOutputs out;
 };
 
+struct ForwardArgs : ForwardRowArgs {
+  const void* teacher;  // (N, V), unit stride along V
+  int64_t teacher_row_stride;
+};
+
 // The teacher as a payload (spec section 6); arrays of the accumulation type.
-struct SparseForwardArgs {
-  ElementType dtype;
-  const void* student;  // (N, V)
-  int64_t student_row_stride;
-  int64_t vocab;
-  const int64_t* student_topk_ids;          // (N, k): the ids the teacher was asked about
-  const int64_t* teacher_topk_ids;          // (N, k)
-  const void* teacher_topk_log_probs;       // (N, k)
-  const void* teacher_log_probs_at_student; // (N, k), at student_topk_ids
-  const void* teacher_entropy;              // (N,)
-  const int64_t* sampled_ids;               // (N,) or nullptr
-  const void* teacher_sampled_log_probs;    // (N,), given with sampled_ids
-  const bool* row_valid;
-  int k;
-  Variant variant;
-  Estimator estimator;
-  double temperature;
-  ForwardOutputs out;
+struct SparseForwardArgs : ForwardRowArgs {
+  const int64_t* student_topk_ids;           // (N, k): the ids the teacher was asked about
+  const int64_t* teacher_topk_ids;           // (N, k)
+  const void* teacher_topk_log_probs;        // (N, k)
+  const void* teacher_log_probs_at_student;  // (N, k), at student_topk_ids
+  const void* teacher_entropy;               // (N,)
+  const void* teacher_sampled_log_probs;     // (N,), given with sampled_ids
 };
 
 struct TopkArgs {
@@ -97,13 +92,12 @@ struct BackwardArgs {
   void* grad_student;  // (N, V) contiguous, input dtype
 };
 
-// Process rows [row_begin, row_end) with the widest instruction set this CPU has.
-void forward_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end);
-void backward_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end);
-void topk_rows(const TopkArgs& args, int64_t row_begin, int64_t row_end);
-void sparse_forward_rows(const SparseForwardArgs& args, int64_t row_begin, int64_t row_end);
+void run_rows(const ForwardArgs& args, int64_t row_begin, int64_t row_end);
+void run_rows(const SparseForwardArgs& args, int64_t row_begin, int64_t row_end);
+void run_rows(const TopkArgs& args, int64_t row_begin, int64_t row_end);
+void run_rows(const BackwardArgs& args, int64_t row_begin, int64_t row_end);
 
-// "avx512", "avx2" or "baseline": what forward_rows / backward_rows run on this CPU.
+// "avx512", "avx2" or "baseline": what run_rows runs on this CPU.
 const char* instruction_set();
 
 }  // namespace opd_fast::cpu
