@@ -1,5 +1,34 @@
-// The opd_fast operator schemas; backends register in launchers/cpu.cpp and launchers/cuda.cu.
+// The opd_fast operators: their schemas, and each backend's kernel for them. A kernel is the
+// op's checks (plan_* in launchers/checks.h, whose signature is the op's) followed by that
+// backend's launcher (launchers/cpu.cpp, launchers/cuda.cu) on the checked plan.
 #include <torch/library.h>
+
+#include "launchers/checks.h"
+#include "launchers/launchers.h"
+
+namespace opd_fast {
+namespace {
+
+// Op<&plan_x, &Launchers<B>::x>::run(args...) = Launchers<B>::x(plan_x(args...)).
+template <auto kPlan, auto kLaunch, typename PlanSignature = decltype(kPlan)>
+struct Op;
+
+template <auto kPlan, auto kLaunch, typename Plan, typename... Args>
+struct Op<kPlan, kLaunch, Plan (*)(Args...)> {
+  static auto run(Args... args) { return kLaunch(kPlan(args...)); }
+};
+
+template <Backend kBackend>
+void register_kernels(torch::Library& m) {
+  using L = Launchers<kBackend>;
+  m.impl("opd_forward", &Op<&plan_forward, &L::opd_forward>::run);
+  m.impl("opd_backward", &Op<&plan_backward, &L::opd_backward>::run);
+  m.impl("row_topk", &Op<&plan_row_topk, &L::row_topk>::run);
+  m.impl("opd_forward_sparse", &Op<&plan_forward_sparse, &L::opd_forward_sparse>::run);
+}
+
+}  // namespace
+}  // namespace opd_fast
 
 TORCH_LIBRARY(opd_fast, m) {
   // One streaming pass over both (N, V) logits: per-row loss, metrics and what the backward
@@ -30,3 +59,9 @@ TORCH_LIBRARY(opd_fast, m) {
       "(Tensor loss, Tensor metrics, Tensor student_lse, Tensor teacher_lse, "
       "Tensor grad_scale, Tensor sparse_id, Tensor sparse_coef)");
 }
+
+TORCH_LIBRARY_IMPL(opd_fast, CPU, m) { opd_fast::register_kernels<opd_fast::Backend::kCpu>(m); }
+
+#ifdef OPD_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(opd_fast, CUDA, m) { opd_fast::register_kernels<opd_fast::Backend::kCuda>(m); }
+#endif

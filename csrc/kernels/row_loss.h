@@ -61,42 +61,58 @@ struct Candidates {
   const bool* in_teacher;  // in S_q
 };
 
-// Fills the candidate arrays (room for 2k) with the union of the student's top-k ids (with
-// log p and log q at each) and the teacher's (likewise), each id once; returns the count.
+// Room for the candidates of one row (a kernel's local or shared memory).
 template <typename acc_t>
-OPD_HOST_DEVICE int union_candidates(int k, const int64_t* student_ids, const acc_t* student_log_p,
-                                     const acc_t* student_log_q, const int64_t* teacher_ids,
-                                     const acc_t* teacher_log_p, const acc_t* teacher_log_q,
-                                     int64_t* id, acc_t* log_p, acc_t* log_q, bool* in_student,
-                                     bool* in_teacher) {
+struct CandidateBuffer {
+  int64_t id[kMaxCandidates];
+  acc_t log_p[kMaxCandidates];
+  acc_t log_q[kMaxCandidates];
+  bool in_student[kMaxCandidates];
+  bool in_teacher[kMaxCandidates];
+
+  OPD_HOST_DEVICE Candidates<acc_t> first(int count) const {
+    return {count, id, log_p, log_q, in_student, in_teacher};
+  }
+};
+
+// Fills `out` with the union of the student's top-k ids (with log p and log q at each) and the
+// teacher's (likewise), each id once, and returns it.
+template <typename acc_t>
+OPD_HOST_DEVICE Candidates<acc_t> union_candidates(int k, const int64_t* student_ids,
+                                                   const acc_t* student_log_p,
+                                                   const acc_t* student_log_q,
+                                                   const int64_t* teacher_ids,
+                                                   const acc_t* teacher_log_p,
+                                                   const acc_t* teacher_log_q,
+                                                   CandidateBuffer<acc_t>& out) {
   for (int i = 0; i < k; ++i) {
-    id[i] = student_ids[i];
-    log_p[i] = student_log_p[i];
-    log_q[i] = student_log_q[i];
-    in_student[i] = true;
-    in_teacher[i] = false;
+    out.id[i] = student_ids[i];
+    out.log_p[i] = student_log_p[i];
+    out.log_q[i] = student_log_q[i];
+    out.in_student[i] = true;
+    out.in_teacher[i] = false;
   }
   int count = k;
   for (int i = 0; i < k; ++i) {
     int match = -1;
     for (int j = 0; j < k; ++j) {
-      if (id[j] == teacher_ids[i]) {
+      if (out.id[j] == teacher_ids[i]) {
         match = j;
         break;
       }
     }
     if (match >= 0) {
-      in_teacher[match] = true;
+      out.in_teacher[match] = true;
       continue;
     }
-    id[count] = teacher_ids[i];
-    log_p[count] = teacher_log_p[i];
-    log_q[count] = teacher_log_q[i];
-    in_student[count] = false;
-    in_teacher[count] = true;
+    out.id[count] = teacher_ids[i];
+    out.log_p[count] = teacher_log_p[i];
+    out.log_q[count] = teacher_log_q[i];
+    out.in_student[count] = false;
+    out.in_teacher[count] = true;
     ++count;
   }
-  return count;
+  return out.first(count);
 }
 
 // What the row contributes to the loss and to the backward pass.

@@ -1,34 +1,41 @@
 // Argument checks, parsing and output allocation shared by the CPU and CUDA launchers of the
-// opd_fast ops. The Python wrapper checks first with friendlier messages; these keep direct
-// torch.ops callers from ever reaching a kernel with shapes that would read out of bounds.
+// opd_fast ops: one plan_* per op, whose signature is the op's (registration.cpp). The Python
+// wrapper checks first with friendlier messages; these keep direct torch.ops callers from ever
+// reaching a kernel with shapes that would read out of bounds.
 #pragma once
 
+#include <cmath>
+#include <cstddef>
 #include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
 
-#include "kernels/row_loss.h"
+#include "kernels/names.h"
 
 namespace opd_fast {
 
+// The enum value named `name` in `names` (kernels/names.h), or an error listing the names.
+template <typename Enum, size_t N>
+Enum parse_name(const std::string& name, const char* const (&names)[N], const char* what) {
+  for (size_t i = 0; i < N; ++i) {
+    if (name == names[i]) return Enum(i);
+  }
+  std::string expected = names[0];
+  for (size_t i = 1; i < N; ++i) expected += std::string(i + 1 < N ? ", " : " or ") + names[i];
+  TORCH_CHECK(false, "opd_fast: unknown ", what, " '", name, "'; expected ", expected);
+}
+
 inline Variant parse_variant(const std::string& name) {
-  if (name == "student_topk") return Variant::kStudentTopk;
-  if (name == "teacher_topk") return Variant::kTeacherTopk;
-  if (name == "overlap_topk") return Variant::kOverlapTopk;
-  if (name == "nonoverlap_topk") return Variant::kNonoverlapTopk;
-  if (name == "union_topk") return Variant::kUnionTopk;
-  if (name == "full_vocab") return Variant::kFullVocab;
-  if (name == "sampled_token") return Variant::kSampledToken;
-  TORCH_CHECK(false, "opd_fast: unknown variant '", name,
-              "'; expected student_topk, teacher_topk, overlap_topk, nonoverlap_topk, "
-              "union_topk, full_vocab or sampled_token");
+  return parse_name<Variant>(name, kVariantNames, "variant");
 }
 
 inline Estimator parse_estimator(const std::string& name) {
-  if (name == "pg") return Estimator::kPg;
-  if (name == "exact") return Estimator::kExact;
-  TORCH_CHECK(false, "opd_fast: unknown estimator '", name, "'; expected pg or exact");
+  return parse_name<Estimator>(name, kEstimatorNames, "estimator");
+}
+
+inline void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "opd_fast: ", name, " must be (N, V), got ", t.sizes());
 }
 
 inline void check_logits_dtype(const at::Tensor& t, const char* name) {
@@ -36,6 +43,30 @@ inline void check_logits_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                   dtype == at::kHalf,
               "opd_fast: ", name, " must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+inline void check_k_and_temperature(int64_t k, int64_t vocab, double temperature) {
+  TORCH_CHECK(k >= 1 && k <= vocab && k <= kMaxK, "opd_fast: k must be in [1, min(V, ", kMaxK,
+              ")], got k=", k, " with V=", vocab);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "opd_fast: temperature must be positive and finite, got ", temperature);
+}
+
+// An optional per-row input: (N,) of `dtype` (called `dtype_name`) on the logits' device.
+inline void check_row_input(const c10::optional<at::Tensor>& t, const char* name,
+                            at::ScalarType dtype, const char* dtype_name,
+                            const at::Tensor& logits) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == dtype, "opd_fast: ", name, " must be ", dtype_name, ", got ",
+              t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == logits.size(0), "opd_fast: ", name,
+              " must be (N,) = (", logits.size(0), ",), got ", t->sizes());
+  TORCH_CHECK(t->device() == logits.device(), "opd_fast: ", name, " on ", t->device(),
+              " but logits on ", logits.device());
+}
+
+inline at::ScalarType accumulation_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Rows may be strided, but each row must be contiguous.
@@ -59,6 +90,7 @@ struct ForwardPlan {
   int k;
   int sparse_width;
   at::ScalarType acc_dtype;
+  double temperature;
 };
 
 // The sparse-teacher forward adds the teacher's payload (spec section 6), contiguous.
@@ -71,10 +103,9 @@ struct SparseForwardPlan : ForwardPlan {
 inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& teacher,
                                 const c10::optional<at::Tensor>& sampled_ids,
                                 const c10::optional<at::Tensor>& row_valid, int64_t k,
-                                const std::string& variant, const std::string& estimator,
+                                c10::string_view variant, c10::string_view estimator,
                                 double temperature) {
-  TORCH_CHECK(student.dim() == 2, "opd_fast: student_logits must be (N, V), got ",
-              student.sizes());
+  check_matrix(student, "student_logits");
   TORCH_CHECK(teacher.sizes() == student.sizes(), "opd_fast: teacher_logits shape ",
               teacher.sizes(), " != student_logits shape ", student.sizes());
   check_logits_dtype(student, "student_logits");
@@ -83,37 +114,15 @@ inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& tea
               " != student_logits dtype ", student.scalar_type());
   TORCH_CHECK(teacher.device() == student.device(), "opd_fast: teacher_logits on ",
               teacher.device(), " but student_logits on ", student.device());
-  const int64_t vocab = student.size(1);
-  TORCH_CHECK(k >= 1 && k <= vocab && k <= kMaxK, "opd_fast: k must be in [1, min(V, ", kMaxK,
-              ")], got k=", k, " with V=", vocab);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "opd_fast: temperature must be positive and finite, got ", temperature);
-  const Variant parsed_variant = parse_variant(variant);
-  const Estimator parsed_estimator = parse_estimator(estimator);
+  check_k_and_temperature(k, student.size(1), temperature);
+  const Variant parsed_variant = parse_variant(std::string(variant));
+  const Estimator parsed_estimator = parse_estimator(std::string(estimator));
   TORCH_CHECK(!(parsed_variant == Variant::kSampledToken && parsed_estimator == Estimator::kExact),
               "opd_fast: estimator 'exact' has no form for variant 'sampled_token'");
   TORCH_CHECK(parsed_variant != Variant::kSampledToken || sampled_ids.has_value(),
               "opd_fast: variant 'sampled_token' needs sampled_ids");
-  if (sampled_ids.has_value()) {
-    const auto& ids = *sampled_ids;
-    TORCH_CHECK(ids.scalar_type() == at::kLong, "opd_fast: sampled_ids must be int64, got ",
-                ids.scalar_type());
-    TORCH_CHECK(ids.dim() == 1 && ids.size(0) == student.size(0),
-                "opd_fast: sampled_ids must be (N,) = (", student.size(0), ",), got ", ids.sizes());
-    TORCH_CHECK(ids.device() == student.device(), "opd_fast: sampled_ids on ", ids.device(),
-                " but logits on ", student.device());
-  }
-  if (row_valid.has_value()) {
-    const auto& valid = *row_valid;
-    TORCH_CHECK(valid.scalar_type() == at::kBool, "opd_fast: row_valid must be bool, got ",
-                valid.scalar_type());
-    TORCH_CHECK(valid.dim() == 1 && valid.size(0) == student.size(0),
-                "opd_fast: row_valid must be (N,) = (", student.size(0), ",), got ",
-                valid.sizes());
-    TORCH_CHECK(valid.device() == student.device(), "opd_fast: row_valid on ", valid.device(),
-                " but logits on ", student.device());
-  }
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_row_input(sampled_ids, "sampled_ids", at::kLong, "int64", student);
+  check_row_input(row_valid, "row_valid", at::kBool, "bool", student);
   return ForwardPlan{rows_contiguous(student),
                      rows_contiguous(teacher),
                      contiguous_or_undefined(sampled_ids),
@@ -122,7 +131,8 @@ inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& tea
                      parsed_estimator,
                      int(k),
                      int(2 * k),
-                     acc_dtype};
+                     accumulation_dtype(student),
+                     temperature};
 }
 
 // Checks of the sparse-teacher forward; returns the plan like plan_forward (teacher unset).
@@ -132,8 +142,8 @@ inline SparseForwardPlan plan_forward_sparse(
     const at::Tensor& teacher_log_probs_at_student, const at::Tensor& teacher_entropy,
     const c10::optional<at::Tensor>& sampled_ids,
     const c10::optional<at::Tensor>& teacher_sampled_log_probs,
-    const c10::optional<at::Tensor>& row_valid, int64_t k, const std::string& variant,
-    const std::string& estimator, double temperature) {
+    const c10::optional<at::Tensor>& row_valid, int64_t k, c10::string_view variant,
+    c10::string_view estimator, double temperature) {
   // The dense checks cover student, k, names, sampled_ids and row_valid.
   SparseForwardPlan plan;
   static_cast<ForwardPlan&>(plan) = plan_forward(student, student, sampled_ids, row_valid, k,
@@ -175,11 +185,12 @@ inline SparseForwardPlan plan_forward_sparse(
   return plan;
 }
 
-// The seven outputs of opd_forward / opd_forward_sparse, allocated for `rows` rows.
+// The seven outputs of opd_forward / opd_forward_sparse.
 struct ForwardOutputTensors {
   at::Tensor loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef;
 
-  ForwardOutputTensors(int64_t rows, const ForwardPlan& plan) {
+  explicit ForwardOutputTensors(const ForwardPlan& plan) {
+    const int64_t rows = plan.student.size(0);
     const auto options = plan.student.options().dtype(plan.acc_dtype);
     loss = at::empty({rows}, options);
     metrics = at::empty({rows, kNumMetrics}, options);
@@ -196,50 +207,54 @@ struct ForwardOutputTensors {
   }
 };
 
-// row_topk: checked logits (rows contiguous) and its four outputs.
+// A checked row_topk call: the logits with rows contiguous.
 struct RowTopkPlan {
   at::Tensor logits;
   int k;
+  double temperature;
+};
+
+inline RowTopkPlan plan_row_topk(const at::Tensor& logits, int64_t k, double temperature) {
+  check_matrix(logits, "logits");
+  check_logits_dtype(logits, "logits");
+  check_k_and_temperature(k, logits.size(1), temperature);
+  return RowTopkPlan{rows_contiguous(logits), int(k), temperature};
+}
+
+// The four outputs of row_topk.
+struct RowTopkOutputTensors {
   at::Tensor ids, log_probs, lse, entropy;
+
+  explicit RowTopkOutputTensors(const RowTopkPlan& plan) {
+    const int64_t rows = plan.logits.size(0);
+    const auto options = plan.logits.options().dtype(accumulation_dtype(plan.logits));
+    ids = at::empty({rows, plan.k}, options.dtype(at::kLong));
+    log_probs = at::empty({rows, plan.k}, options);
+    lse = at::empty({rows}, options);
+    entropy = at::empty({rows}, options);
+  }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
     return {ids, log_probs, lse, entropy};
   }
 };
 
-inline RowTopkPlan plan_row_topk(const at::Tensor& logits, int64_t k, double temperature) {
-  TORCH_CHECK(logits.dim() == 2, "opd_fast: logits must be (N, V), got ", logits.sizes());
-  check_logits_dtype(logits, "logits");
-  TORCH_CHECK(k >= 1 && k <= logits.size(1) && k <= kMaxK, "opd_fast: k must be in [1, min(V, ",
-              kMaxK, ")], got k=", k, " with V=", logits.size(1));
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "opd_fast: temperature must be positive and finite, got ", temperature);
-  RowTopkPlan plan;
-  plan.logits = rows_contiguous(logits);
-  plan.k = int(k);
-  const int64_t rows = plan.logits.size(0);
-  const auto acc = plan.logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto options = plan.logits.options().dtype(acc);
-  plan.ids = at::empty({rows, k}, options.dtype(at::kLong));
-  plan.log_probs = at::empty({rows, k}, options);
-  plan.lse = at::empty({rows}, options);
-  plan.entropy = at::empty({rows}, options);
-  return plan;
-}
-
 // A checked backward call: the inputs as the kernels read them (teacher only with full_vocab).
 struct BackwardPlan {
   at::Tensor student, teacher, grad_loss, student_lse, grad_scale, sparse_id, sparse_coef;
+  double temperature;
+  bool full_vocab;
 };
 
 inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor& student,
                                   const at::Tensor& teacher, const at::Tensor& student_lse,
                                   const at::Tensor& grad_scale, const at::Tensor& sparse_id,
-                                  const at::Tensor& sparse_coef, bool full_vocab) {
-  TORCH_CHECK(student.dim() == 2, "opd_fast: student_logits must be (N, V)");
+                                  const at::Tensor& sparse_coef, double temperature,
+                                  bool full_vocab) {
+  check_matrix(student, "student_logits");
   check_logits_dtype(student, "student_logits");
   const int64_t rows = student.size(0);
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulation_dtype(student);
   for (const auto* t : {&grad_loss, &student_lse, &grad_scale}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == acc_dtype &&
                     t->device() == student.device(),
@@ -264,7 +279,9 @@ inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor&
                       student_lse.contiguous(),
                       grad_scale.contiguous(),
                       sparse_id.contiguous(),
-                      sparse_coef.contiguous()};
+                      sparse_coef.contiguous(),
+                      temperature,
+                      full_vocab};
 }
 
 }  // namespace opd_fast

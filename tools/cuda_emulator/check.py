@@ -43,16 +43,13 @@ def host_headers(out_dir: str) -> str:
                 continue
             with open(os.path.join(KERNELS, sub, name)) as handle:
                 text = handle.read()
-            for smem in ("dynamic_smem", "topk_smem"):
-                text = text.replace(
-                    f"extern __shared__ __align__(16) unsigned char {smem}[];",
-                    f"unsigned char* {smem} = g_dynamic_smem;",
-                )
-            for marker in ("// Launcher", "// Runs the backward"):
-                if marker in text:
-                    begin = text.index(marker)
-                    text = text[:begin] + "\n" + text[text.index("}  // namespace kernels") :]
-                    break
+            text = text.replace(
+                "extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];",
+                "unsigned char* dynamic_smem_bytes = g_dynamic_smem;",
+            )
+            if "// Launchers" in text:
+                begin = text.index("// Launchers")
+                text = text[:begin] + "\n" + text[text.index("}  // namespace kernels") :]
             with open(os.path.join(out_dir, "kernels", sub, name), "w") as handle:
                 handle.write(text)
     return out_dir

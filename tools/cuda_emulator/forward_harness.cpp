@@ -36,24 +36,16 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   fp.rows = N; fp.vocab = V; fp.sampled_ids = h[6] ? sampled.data() : nullptr;
   fp.row_valid = h[7] ? reinterpret_cast<const bool*>(valid.data()) : nullptr;
   fp.k = int(k); fp.variant = Variant(h[4]); fp.estimator = Estimator(h[5]);
-  fp.inv_tau = acc_t(1) / acc_t(temperature); fp.sparse_width = int(W);
-  fp.loss = loss.data(); fp.metrics = metrics.data(); fp.student_lse = slse.data(); fp.teacher_lse = tlse.data();
-  fp.grad_scale = gs.data(); fp.sparse_id = sid.data(); fp.sparse_coef = coef.data();
-  int kpad = 1; while (kpad < k) kpad <<= 1;
-  const int slots = k <= 32 ? 1 : k <= 64 ? 2 : 4;
-  for (int64_t row = 0; row < N; ++row) {
-    emu_run_block(unsigned(row), [&] {
-      if (fp.variant == Variant::kFullVocab) {
-        if (slots == 1) opd_forward_kernel<scalar_t, 1, true>(fp, kpad);
-        else if (slots == 2) opd_forward_kernel<scalar_t, 2, true>(fp, kpad);
-        else opd_forward_kernel<scalar_t, 4, true>(fp, kpad);
-      } else {
-        if (slots == 1) opd_forward_kernel<scalar_t, 1, false>(fp, kpad);
-        else if (slots == 2) opd_forward_kernel<scalar_t, 2, false>(fp, kpad);
-        else opd_forward_kernel<scalar_t, 4, false>(fp, kpad);
-      }
-    });
-  }
+  fp.inv_tau = acc_t(1) / acc_t(temperature);
+  fp.out = {int(W), loss.data(), metrics.data(), slse.data(), tlse.data(), gs.data(), sid.data(), coef.data()};
+  with_topk_slots(int(k), [&](auto slots, int kpad) {
+    for (int64_t row = 0; row < N; ++row) {
+      emu_run_block(unsigned(row), [&] {
+        if (full) opd_forward_kernel<scalar_t, decltype(slots)::value, true>(fp, kpad);
+        else opd_forward_kernel<scalar_t, decltype(slots)::value, false>(fp, kpad);
+      });
+    }
+  });
   // Backward from the given (CPU) forward results. Gradient buffer offset by h[16] elements
   // so its alignment can differ from the logits'.
   const int64_t go = h[16];

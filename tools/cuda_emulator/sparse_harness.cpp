@@ -32,9 +32,8 @@ void run(const char* p, const int64_t* h, double temperature, FILE* out) {
   fp.teacher_sampled_log_probs = h[6] ? tslq.data() : nullptr;
   fp.row_valid = h[7] ? reinterpret_cast<const bool*>(valid.data()) : nullptr;
   fp.k = int(k); fp.variant = Variant(h[4]); fp.estimator = Estimator(h[5]);
-  fp.inv_tau = acc_t(1) / acc_t(temperature); fp.sparse_width = int(W);
-  fp.loss = loss.data(); fp.metrics = metrics.data(); fp.student_lse = slse.data(); fp.teacher_lse = tlse.data();
-  fp.grad_scale = gs.data(); fp.sparse_id = sid.data(); fp.sparse_coef = coef.data();
+  fp.inv_tau = acc_t(1) / acc_t(temperature);
+  fp.out = {int(W), loss.data(), metrics.data(), slse.data(), tlse.data(), gs.data(), sid.data(), coef.data()};
   for (int64_t row = 0; row < N; ++row) emu_run_block(unsigned(row), [&] { opd_forward_sparse_kernel<scalar_t>(fp); });
   fwrite(loss.data(), sizeof(acc_t), N, out); fwrite(metrics.data(), sizeof(acc_t), N * kNumMetrics, out);
   fwrite(slse.data(), sizeof(acc_t), N, out); fwrite(tlse.data(), sizeof(acc_t), N, out);
@@ -48,14 +47,11 @@ void run(const char* p, const int64_t* h, double temperature, FILE* out) {
   tp.logits = fp.student; tp.row_stride = V; tp.rows = N; tp.vocab = V; tp.k = int(k);
   tp.inv_tau = fp.inv_tau; tp.ids = ids.data(); tp.log_probs = log_probs.data();
   tp.lse = lse.data(); tp.entropy = entropy.data();
-  int kpad = 1; while (kpad < k) kpad <<= 1;
-  for (int64_t row = 0; row < N; ++row) {
-    emu_run_block(unsigned(row), [&] {
-      if (k <= 32) row_topk_kernel<scalar_t, 1>(tp, kpad);
-      else if (k <= 64) row_topk_kernel<scalar_t, 2>(tp, kpad);
-      else row_topk_kernel<scalar_t, 4>(tp, kpad);
-    });
-  }
+  with_topk_slots(int(k), [&](auto slots, int kpad) {
+    for (int64_t row = 0; row < N; ++row) {
+      emu_run_block(unsigned(row), [&] { row_topk_kernel<scalar_t, decltype(slots)::value>(tp, kpad); });
+    }
+  });
   fwrite(ids.data(), 8, N * k, out); fwrite(log_probs.data(), sizeof(acc_t), N * k, out);
   fwrite(lse.data(), sizeof(acc_t), N, out); fwrite(entropy.data(), sizeof(acc_t), N, out);
 }

@@ -34,97 +34,125 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 template <typename scalar_t>
 struct Element;
 
-template <>
-struct Element<float> {
-  using acc_t = float;
-  static constexpr int kVec = 4;
-  static __device__ __forceinline__ float to_acc(float x) { return x; }
-  static __device__ __forceinline__ float from_acc(float x) { return x; }
-  static __device__ __forceinline__ void load_vec(const float* src, float (&out)[kVec]) {
-    const float4 v = *reinterpret_cast<const float4*>(src);
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
+// float and double: their own accumulation type, moved as float4 / double2.
+__device__ __forceinline__ void unpack(const float4& v, float (&out)[4]) {
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+__device__ __forceinline__ float4 pack(const float (&in)[4]) {
+  return make_float4(in[0], in[1], in[2], in[3]);
+}
+__device__ __forceinline__ void unpack(const double2& v, double (&out)[2]) {
+  out[0] = v.x;
+  out[1] = v.y;
+}
+__device__ __forceinline__ double2 pack(const double (&in)[2]) {
+  return make_double2(in[0], in[1]);
+}
+
+template <typename T, typename Vector>
+struct FullPrecisionElement {
+  using acc_t = T;
+  static constexpr int kVec = sizeof(Vector) / sizeof(T);
+  static __device__ __forceinline__ T to_acc(T x) { return x; }
+  static __device__ __forceinline__ T from_acc(T x) { return x; }
+  static __device__ __forceinline__ void load_vec(const T* src, T (&out)[kVec]) {
+    unpack(*reinterpret_cast<const Vector*>(src), out);
   }
-  static __device__ __forceinline__ void store_vec(float* dst, const float (&in)[kVec]) {
-    *reinterpret_cast<float4*>(dst) = make_float4(in[0], in[1], in[2], in[3]);
+  static __device__ __forceinline__ void store_vec(T* dst, const T (&in)[kVec]) {
+    *reinterpret_cast<Vector*>(dst) = pack(in);
   }
 };
 
 template <>
-struct Element<double> {
-  using acc_t = double;
-  static constexpr int kVec = 2;
-  static __device__ __forceinline__ double to_acc(double x) { return x; }
-  static __device__ __forceinline__ double from_acc(double x) { return x; }
-  static __device__ __forceinline__ void load_vec(const double* src, double (&out)[kVec]) {
-    const double2 v = *reinterpret_cast<const double2*>(src);
-    out[0] = v.x;
-    out[1] = v.y;
+struct Element<float> : FullPrecisionElement<float, float4> {};
+template <>
+struct Element<double> : FullPrecisionElement<double, double2> {};
+
+// bf16 and fp16: float accumulation, 8 per 16 bytes, two per 32-bit word (little endian:
+// element 2i is the low half of word i). Bits converts one type: to_acc / from_acc, low(word)
+// and high(word) to float, and bits(float) to the rounded 16-bit pattern.
+template <typename T, typename Bits>
+struct HalfPrecisionElement {
+  using acc_t = float;
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float to_acc(T x) { return Bits::to_acc(x); }
+  static __device__ __forceinline__ T from_acc(float x) { return Bits::from_acc(x); }
+  static __device__ __forceinline__ void load_vec(const T* src, float (&out)[kVec]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = Bits::low(words[i]);
+      out[2 * i + 1] = Bits::high(words[i]);
+    }
   }
-  static __device__ __forceinline__ void store_vec(double* dst, const double (&in)[kVec]) {
-    *reinterpret_cast<double2*>(dst) = make_double2(in[0], in[1]);
+  static __device__ __forceinline__ void store_vec(T* dst, const float (&in)[kVec]) {
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      words[i] = Bits::bits(in[2 * i]) | (Bits::bits(in[2 * i + 1]) << 16);
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
   }
 };
 
 // bf16 <-> float: the float has the bf16 bits in its upper half (exact); stores round to
 // nearest even (NaN stays NaN).
-template <>
-struct Element<__nv_bfloat16> {
-  using acc_t = float;
-  static constexpr int kVec = 8;
+struct Bf16Bits {
   static __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float x) {
     return __float2bfloat16_rn(x);
   }
-  static __device__ __forceinline__ void load_vec(const __nv_bfloat16* src, float (&out)[kVec]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(src);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // little endian: element 2i is the low half of word i
-      out[2 * i] = __uint_as_float(words[i] << 16);
-      out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
+  static __device__ __forceinline__ float low(uint32_t word) { return __uint_as_float(word << 16); }
+  static __device__ __forceinline__ float high(uint32_t word) {
+    return __uint_as_float(word & 0xffff0000u);
   }
-  static __device__ __forceinline__ void store_vec(__nv_bfloat16* dst, const float (&in)[kVec]) {
-    uint32_t words[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * i]));
-      const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(in[2 * i + 1]));
-      words[i] = lo | (hi << 16);
-    }
-    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+  static __device__ __forceinline__ uint32_t bits(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
+
+struct Fp16Bits {
+  static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float low(uint32_t word) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
+  }
+  static __device__ __forceinline__ float high(uint32_t word) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+  }
+  static __device__ __forceinline__ uint32_t bits(float x) {
+    return __half_as_ushort(__float2half_rn(x));
   }
 };
 
 template <>
-struct Element<__half> {
-  using acc_t = float;
-  static constexpr int kVec = 8;
-  static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ void load_vec(const __half* src, float (&out)[kVec]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(src);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[i] & 0xffffu)));
-      out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[i] >> 16)));
-    }
-  }
-  static __device__ __forceinline__ void store_vec(__half* dst, const float (&in)[kVec]) {
-    uint32_t words[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t lo = __half_as_ushort(__float2half_rn(in[2 * i]));
-      const uint32_t hi = __half_as_ushort(__float2half_rn(in[2 * i + 1]));
-      words[i] = lo | (hi << 16);
-    }
-    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
-  }
+struct Element<__nv_bfloat16> : HalfPrecisionElement<__nv_bfloat16, Bf16Bits> {};
+template <>
+struct Element<__half> : HalfPrecisionElement<__half, Fp16Bits> {};
+
+// The row a one-CTA-per-row kernel's block owns, and where the calling thread sits in it.
+struct RowThread {
+  int64_t row;
+  int tid;
+  int lane;
+  int warp;
 };
+
+__device__ __forceinline__ RowThread row_thread() {
+  const int tid = threadIdx.x;
+  return RowThread{int64_t(blockIdx.x), tid, tid % kWarpSize, tid / kWarpSize};
+}
+
+// Dynamic shared memory of the calling kernel (16-byte aligned), as an array of T.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];
+  return reinterpret_cast<T*>(dynamic_smem_bytes);
+}
 
 // ---------------------------------------------------------------------------------------
 // Row alignment: elements before the first 16-byte aligned one (-1 if the pointer is not

@@ -5,7 +5,7 @@
 //     grad_j = (g / tau) * ( p_j * (C + D * (z_j - u_j) / tau) - coef(j) )
 //     p_j = exp(z_j / tau - lse_s)   (0 where z_j = -inf),  D = 1 only for full_vocab,
 // coef(j) non-zero only at the <= W listed sparse ids. Same as backward_rows_impl in
-// csrc/kernels/cpu/streaming.inc.
+// ../cpu/opd_backward.inc.
 //
 // Shapes: student (N, V) (and teacher (N, V) for full_vocab) with unit stride along V and any
 // row stride; grad_loss, student_lse, grad_scale (N,) and sparse_coef (N, W) in the
@@ -139,10 +139,14 @@ __global__ void __launch_bounds__(kBackwardThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------
+
 // Runs the backward on `stream`. Needs rows <= 2^31 - 1 (else cudaErrorInvalidValue);
 // rows == 0 or vocab == 0 is a no-op.
 template <typename scalar_t>
-cudaError_t launch_opd_backward(const BackwardParams<scalar_t>& p, cudaStream_t stream) {
+cudaError_t launch(const BackwardParams<scalar_t>& p, cudaStream_t stream) {
   if (p.rows < 0 || p.rows > int64_t(0x7fffffff) || p.vocab < 0 || p.sparse_width < 0) {
     return cudaErrorInvalidValue;
   }

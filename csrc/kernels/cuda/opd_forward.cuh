@@ -2,7 +2,7 @@
 // Torch-free: a __global__ kernel and a host launcher returning cudaError_t.
 //
 // Math (per row; z = student logits, u = teacher logits, both (V,), tau = temperature), the
-// same as the CPU kernels in csrc/kernels/cpu/streaming.inc:
+// same as the CPU kernel in ../cpu/opd_forward.inc:
 //   lse_s = log sum_j exp(z_j / tau)          H(p) = lse_s - sum_j p_j z_j / tau
 //   lse_t = log sum_j exp(u_j / tau)          H(q) likewise
 //   full_vocab: KL(p || q) = sum_j p_j (z_j - u_j) / tau - lse_s + lse_t
@@ -46,22 +46,10 @@ namespace kernels {
 constexpr int kForwardThreads = 256;
 constexpr int kForwardWarps = kForwardThreads / kWarpSize;
 
-template <typename scalar_t>
-struct ForwardParams {
-  using acc_t = typename Element<scalar_t>::acc_t;
-  const scalar_t* student;  // (rows, vocab), unit stride along vocab
-  const scalar_t* teacher;
-  int64_t student_row_stride;  // in elements
-  int64_t teacher_row_stride;
-  int64_t rows;
-  int64_t vocab;
-  const int64_t* sampled_ids;  // (rows,) or nullptr
-  const bool* row_valid;       // (rows,) or nullptr
-  int k;
-  Variant variant;
-  Estimator estimator;
-  acc_t inv_tau;  // 1 / temperature, computed on the host as acc_t(1) / acc_t(temperature)
-  int sparse_width;
+// Per-row outputs of both forward kernels, in the accumulation type.
+template <typename acc_t>
+struct ForwardOutputs {
+  int sparse_width;    // columns of sparse_id / sparse_coef (>= 2k)
   acc_t* loss;         // (rows,)
   acc_t* metrics;      // (rows, kNumMetrics)
   acc_t* student_lse;  // (rows,)
@@ -69,6 +57,36 @@ struct ForwardParams {
   acc_t* grad_scale;   // (rows,)
   int64_t* sparse_id;  // (rows, sparse_width)
   acc_t* sparse_coef;  // (rows, sparse_width)
+};
+
+// The launch-wide settings of every one-CTA-per-row kernel but the backward's.
+template <typename scalar_t>
+struct RowKernelParams {
+  using acc_t = typename Element<scalar_t>::acc_t;
+  int64_t rows;
+  int64_t vocab;
+  int k;
+  acc_t inv_tau;  // 1 / temperature, computed on the host as acc_t(1) / acc_t(temperature)
+};
+
+// What both forward kernels (ForwardParams, SparseForwardParams) read and write besides the
+// teacher.
+template <typename scalar_t>
+struct ForwardRowParams : RowKernelParams<scalar_t> {
+  using acc_t = typename Element<scalar_t>::acc_t;
+  const scalar_t* student;     // (rows, vocab), unit stride along vocab
+  int64_t student_row_stride;  // in elements
+  const int64_t* sampled_ids;  // (rows,) or nullptr
+  const bool* row_valid;       // (rows,) or nullptr
+  Variant variant;
+  Estimator estimator;
+  ForwardOutputs<acc_t> out;
+};
+
+template <typename scalar_t>
+struct ForwardParams : ForwardRowParams<scalar_t> {
+  const scalar_t* teacher;  // (rows, vocab), unit stride along vocab
+  int64_t teacher_row_stride;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -97,7 +115,7 @@ __device__ __forceinline__ SoftmaxState<acc_t> softmax_empty() {
 }
 
 // Adds x[0, N) (and other[0, N) to the cross term when kCross): OnlineSoftmax::add_block of
-// streaming.inc for one thread's vector.
+// ../cpu/streaming.inc for one thread's vector.
 template <bool kCross, typename acc_t, int N>
 __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const acc_t (&x)[N],
                                             const acc_t (&other)[N], acc_t inv_tau) {
@@ -192,7 +210,7 @@ __device__ __forceinline__ acc_t softmax_entropy(const SoftmaxState<acc_t>& s) {
 }
 
 // A top-k list that NaNs kept short (its tail decoded to id -1) is filled with the lowest
-// ids it does not hold, valued NaN: RunningTopk::fill_if_short of streaming.inc. Such a row
+// ids it does not hold, valued NaN: RunningTopk::fill_if_short of ../cpu/streaming.inc. Such a row
 // has a NaN log-partition; this only keeps every id in range. One thread.
 template <typename acc_t>
 __device__ void fill_if_short(int64_t* ids, acc_t* values, int k) {
@@ -296,19 +314,20 @@ __device__ __forceinline__ void consume_vector_range(StreamState<acc_t, kSlots>&
 // Returns whether the row is computed (block-uniform). Every thread calls it.
 template <typename Params>
 __device__ __forceinline__ bool start_forward_row(const Params& p, int64_t row, int tid) {
-  int64_t* sparse_id = p.sparse_id + row * p.sparse_width;
-  auto* sparse_coef = p.sparse_coef + row * p.sparse_width;
-  for (int i = tid; i < p.sparse_width; i += kForwardThreads) {
+  const auto& out = p.out;
+  int64_t* sparse_id = out.sparse_id + row * out.sparse_width;
+  auto* sparse_coef = out.sparse_coef + row * out.sparse_width;
+  for (int i = tid; i < out.sparse_width; i += kForwardThreads) {
     sparse_id[i] = -1;
     sparse_coef[i] = 0;
   }
   if (p.row_valid == nullptr || p.row_valid[row]) return true;
-  if (tid < kNumMetrics) p.metrics[row * kNumMetrics + tid] = 0;
+  if (tid < kNumMetrics) out.metrics[row * kNumMetrics + tid] = 0;
   if (tid == 0) {
-    p.loss[row] = 0;
-    p.student_lse[row] = 0;
-    p.teacher_lse[row] = 0;
-    p.grad_scale[row] = 0;
+    out.loss[row] = 0;
+    out.student_lse[row] = 0;
+    out.teacher_lse[row] = 0;
+    out.grad_scale[row] = 0;
   }
   return false;
 }
@@ -319,14 +338,15 @@ template <typename Params, typename acc_t>
 __device__ __forceinline__ void finish_forward_row(const Params& p, int64_t row,
                                                    const RowStats<acc_t>& stats,
                                                    const Candidates<acc_t>& cand) {
-  row_metrics(stats, cand, p.k, p.metrics + row * kNumMetrics);
+  const auto& out = p.out;
+  row_metrics(stats, cand, p.k, out.metrics + row * kNumMetrics);
   const RowResult<acc_t> result =
-      row_loss(p.variant, p.estimator, stats, cand, p.sparse_id + row * p.sparse_width,
-               p.sparse_coef + row * p.sparse_width);
-  p.loss[row] = result.loss;
-  p.grad_scale[row] = result.grad_scale;
-  p.student_lse[row] = stats.student_lse;
-  p.teacher_lse[row] = stats.teacher_lse;
+      row_loss(p.variant, p.estimator, stats, cand, out.sparse_id + row * out.sparse_width,
+               out.sparse_coef + row * out.sparse_width);
+  out.loss[row] = result.loss;
+  out.grad_scale[row] = result.grad_scale;
+  out.student_lse[row] = stats.student_lse;
+  out.teacher_lse[row] = stats.teacher_lse;
 }
 
 // One CTA per row; see the top of this file. Dynamic shared memory: 2 * kForwardWarps * kpad
@@ -339,21 +359,13 @@ __global__ void __launch_bounds__(kForwardThreads)
   using Ops = TopkKey<acc_t>;
   using Key = typename Ops::type;
 
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];
   __shared__ SoftmaxState<acc_t> warp_softmax[2][kForwardWarps];
   __shared__ acc_t row_lse[2];
-  __shared__ int64_t cand_id[kMaxCandidates];
-  __shared__ acc_t cand_log_p[kMaxCandidates];
-  __shared__ acc_t cand_log_q[kMaxCandidates];
+  __shared__ CandidateBuffer<acc_t> cand;
   __shared__ acc_t top_value[kMaxCandidates];
-  __shared__ bool cand_in_student[kMaxCandidates];
-  __shared__ bool cand_in_teacher[kMaxCandidates];
   __shared__ bool teacher_duplicate[kMaxK];
 
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
+  const auto [row, tid, lane, warp] = row_thread();
   const int64_t vocab = p.vocab;
   const int k = p.k;
   const acc_t inv_tau = p.inv_tau;
@@ -387,7 +399,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   }
   // 2b. Per-warp top-k lists to shared memory: [student: warps * kpad][teacher: same].
   const int sort_size = kForwardWarps * kpad;
-  Key* student_keys = reinterpret_cast<Key*>(dynamic_smem);
+  Key* student_keys = dynamic_smem<Key>();
   Key* teacher_keys = student_keys + sort_size;
   st.student_top.store(student_keys + warp * kpad, k, kpad, lane);
   st.teacher_top.store(teacher_keys + warp * kpad, k, kpad, lane);
@@ -423,33 +435,33 @@ __global__ void __launch_bounds__(kForwardThreads)
   //    the id is in the other list (the union_candidates of row_loss.h, in parallel).
   for (int i = tid; i < 2 * k; i += kForwardThreads) {
     const Key key = i < k ? student_keys[i] : teacher_keys[i - k];
-    cand_id[i] = Ops::index(key);  // -1 for an empty key
+    cand.id[i] = Ops::index(key);  // -1 for an empty key
     top_value[i] = Ops::value(key);
   }
   __syncthreads();
   if (tid == 0) {
-    fill_if_short(cand_id, top_value, k);
-    fill_if_short(cand_id + k, top_value + k, k);
+    fill_if_short(cand.id, top_value, k);
+    fill_if_short(cand.id + k, top_value + k, k);
   }
   __syncthreads();
   const acc_t student_lse = row_lse[0];
   const acc_t teacher_lse = row_lse[1];
   for (int i = tid; i < 2 * k; i += kForwardThreads) {
     const bool from_student = i < k;
-    const int64_t id = cand_id[i];  // in [0, vocab) now
-    const int64_t* other_ids = from_student ? cand_id + k : cand_id;
+    const int64_t id = cand.id[i];  // in [0, vocab) now
+    const int64_t* other_ids = from_student ? cand.id + k : cand.id;
     bool in_other = false;
     for (int j = 0; j < k; ++j) in_other = in_other || other_ids[j] == id;
     const acc_t own = top_value[i];
     if (from_student) {
-      cand_log_p[i] = own * inv_tau - student_lse;
-      cand_log_q[i] = E::to_acc(teacher[id]) * inv_tau - teacher_lse;
+      cand.log_p[i] = own * inv_tau - student_lse;
+      cand.log_q[i] = E::to_acc(teacher[id]) * inv_tau - teacher_lse;
     } else {
-      cand_log_p[i] = E::to_acc(student[id]) * inv_tau - student_lse;
-      cand_log_q[i] = own * inv_tau - teacher_lse;
+      cand.log_p[i] = E::to_acc(student[id]) * inv_tau - student_lse;
+      cand.log_q[i] = own * inv_tau - teacher_lse;
     }
-    cand_in_student[i] = from_student;
-    cand_in_teacher[i] = from_student ? in_other : true;
+    cand.in_student[i] = from_student;
+    cand.in_teacher[i] = from_student ? in_other : true;
     if (!from_student) teacher_duplicate[i - k] = in_other;
   }
   __syncthreads();
@@ -459,64 +471,51 @@ __global__ void __launch_bounds__(kForwardThreads)
   int count = k;
   for (int j = 0; j < k; ++j) {
     if (teacher_duplicate[j]) continue;
-    cand_id[count] = cand_id[k + j];
-    cand_log_p[count] = cand_log_p[k + j];
-    cand_log_q[count] = cand_log_q[k + j];
-    cand_in_student[count] = false;
-    cand_in_teacher[count] = true;
+    cand.id[count] = cand.id[k + j];
+    cand.log_p[count] = cand.log_p[k + j];
+    cand.log_q[count] = cand.log_q[k + j];
+    cand.in_student[count] = false;
+    cand.in_teacher[count] = true;
     ++count;
   }
-  if (p.sampled_ids != nullptr) {
-    const int64_t sampled = p.sampled_ids[row];
-    const bool in_range = sampled >= 0 && sampled < vocab;
-    stats.has_sampled = true;
-    stats.sampled_id = in_range ? sampled : int64_t(-1);
-    stats.sampled_log_p =
-        in_range ? E::to_acc(student[sampled]) * inv_tau - student_lse : acc_t(NAN);
-    stats.sampled_log_q =
-        in_range ? E::to_acc(teacher[sampled]) * inv_tau - teacher_lse : acc_t(NAN);
+  if (p.sampled_ids != nullptr && set_sampled_token(stats, p.sampled_ids[row], vocab)) {
+    stats.sampled_log_p = E::to_acc(student[stats.sampled_id]) * inv_tau - student_lse;
+    stats.sampled_log_q = E::to_acc(teacher[stats.sampled_id]) * inv_tau - teacher_lse;
   }
-  const Candidates<acc_t> cand{count,      cand_id,         cand_log_p,
-                               cand_log_q, cand_in_student, cand_in_teacher};
-  finish_forward_row(p, row, stats, cand);
+  finish_forward_row(p, row, stats, cand.first(count));
 }
 
 // ---------------------------------------------------------------------------------------
-// Launcher
+// Launchers
 // ---------------------------------------------------------------------------------------
 
-template <typename scalar_t, int kSlots, bool kFullVocab>
-cudaError_t launch_forward_instance(const ForwardParams<scalar_t>& p, int kpad,
-                                    cudaStream_t stream) {
-  using Key = typename TopkKey<typename Element<scalar_t>::acc_t>::type;
-  const size_t smem = size_t(2) * kForwardWarps * kpad * sizeof(Key);
-  opd_forward_kernel<scalar_t, kSlots, kFullVocab>
-      <<<dim3(static_cast<unsigned>(p.rows)), dim3(kForwardThreads), smem, stream>>>(p, kpad);
-  return cudaGetLastError();
+// What every row kernel's launcher checks: 1 <= k <= min(vocab, kMaxK), and rows (the grid)
+// and vocab (the 31-bit ids of the top-k keys) below 2^31.
+inline bool launchable(int64_t rows, int64_t vocab, int k) {
+  return k >= 1 && k <= kMaxK && k <= vocab && vocab <= int64_t(0x7fffffff) && rows >= 0 &&
+         rows <= int64_t(0x7fffffff);
 }
 
-template <typename scalar_t, int kSlots>
-cudaError_t launch_forward_slots(const ForwardParams<scalar_t>& p, int kpad,
-                                 cudaStream_t stream) {
-  return p.variant == Variant::kFullVocab
-             ? launch_forward_instance<scalar_t, kSlots, true>(p, kpad, stream)
-             : launch_forward_instance<scalar_t, kSlots, false>(p, kpad, stream);
-}
-
-// Runs the forward on `stream`. Needs 1 <= k <= min(vocab, kMaxK), sparse_width >= 2k,
-// vocab <= 2^31 - 1 and rows <= 2^31 - 1 (else cudaErrorInvalidValue); rows == 0 is a no-op.
+// Runs the forward on `stream`. Needs launchable(rows, vocab, k) and sparse_width >= 2k (else
+// cudaErrorInvalidValue); rows == 0 is a no-op.
 template <typename scalar_t>
-cudaError_t launch_opd_forward(const ForwardParams<scalar_t>& p, cudaStream_t stream) {
-  if (p.k < 1 || p.k > kMaxK || p.k > p.vocab || p.sparse_width < 2 * p.k ||
-      p.vocab > int64_t(0x7fffffff) || p.rows < 0 || p.rows > int64_t(0x7fffffff)) {
+cudaError_t launch(const ForwardParams<scalar_t>& p, cudaStream_t stream) {
+  if (!launchable(p.rows, p.vocab, p.k) || p.out.sparse_width < 2 * p.k) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;
-  int kpad = 1;
-  while (kpad < p.k) kpad <<= 1;
-  if (p.k <= 32) return launch_forward_slots<scalar_t, 1>(p, kpad, stream);
-  if (p.k <= 64) return launch_forward_slots<scalar_t, 2>(p, kpad, stream);
-  return launch_forward_slots<scalar_t, 4>(p, kpad, stream);
+  using Key = typename TopkKey<typename Element<scalar_t>::acc_t>::type;
+  return with_topk_slots(p.k, [&](auto slots, int kpad) {
+    constexpr int kSlots = decltype(slots)::value;
+    const size_t smem = size_t(2) * kForwardWarps * kpad * sizeof(Key);
+    const dim3 grid(static_cast<unsigned>(p.rows));
+    if (p.variant == Variant::kFullVocab) {
+      opd_forward_kernel<scalar_t, kSlots, true><<<grid, kForwardThreads, smem, stream>>>(p, kpad);
+    } else {
+      opd_forward_kernel<scalar_t, kSlots, false><<<grid, kForwardThreads, smem, stream>>>(p, kpad);
+    }
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace kernels

@@ -1,7 +1,7 @@
 // row_topk and the sparse-teacher forward (opd_forward_sparse) on the GPU. Torch-free:
 // __global__ kernels and host launchers returning cudaError_t. They reuse the streaming
 // machinery of opd_forward.cuh (online softmax state, warp running top-k, bitonic merge) and
-// mirror topk_rows_impl / sparse_forward_rows_impl of csrc/kernels/cpu/streaming.inc.
+// mirror topk_rows_impl / sparse_forward_rows_impl of ../cpu/opd_sparse.inc.
 //
 // row_topk, per row x (V,): one CTA of kForwardThreads streams the row once, keeping an online
 // softmax state per thread and a running top-k per warp; the states are reduced over the
@@ -13,7 +13,7 @@
 //
 // opd_forward_sparse, per row: one CTA streams the student row for its lse and entropy (no
 // top-k), gathers log p at the payload's student and teacher top-k ids (ids outside [0, V)
-// give NaN and are never read), then thread 0 runs finish_row of streaming.inc:
+// give NaN and are never read), then thread 0 runs finish_row of ../cpu/opd_forward.inc:
 // union_candidates + row_metrics + row_loss. teacher_lse is written as 0; the teacher's
 // entropy and log q at the sampled token come from the payload. Rows left out by row_valid
 // write zeros and sparse_id = -1. Outputs as in opd_forward.cuh (sparse width W >= 2k).
@@ -32,47 +32,26 @@ namespace opd_fast {
 namespace kernels {
 
 template <typename scalar_t>
-struct TopkParams {
+struct TopkParams : RowKernelParams<scalar_t> {
   using acc_t = typename Element<scalar_t>::acc_t;
   const scalar_t* logits;  // (rows, vocab), unit stride along vocab
   int64_t row_stride;      // in elements
-  int64_t rows;
-  int64_t vocab;
-  int k;
-  acc_t inv_tau;  // acc_t(1) / acc_t(temperature), computed on the host
-  int64_t* ids;      // (rows, k)
-  acc_t* log_probs;  // (rows, k)
-  acc_t* lse;        // (rows,)
-  acc_t* entropy;    // (rows,)
+  int64_t* ids;            // (rows, k)
+  acc_t* log_probs;        // (rows, k)
+  acc_t* lse;              // (rows,)
+  acc_t* entropy;          // (rows,)
 };
 
+// The teacher as a payload (spec section 6), in the accumulation type.
 template <typename scalar_t>
-struct SparseForwardParams {
+struct SparseForwardParams : ForwardRowParams<scalar_t> {
   using acc_t = typename Element<scalar_t>::acc_t;
-  const scalar_t* student;  // (rows, vocab), unit stride along vocab
-  int64_t student_row_stride;
-  int64_t rows;
-  int64_t vocab;
-  const int64_t* student_topk_ids;             // (rows, k)
-  const int64_t* teacher_topk_ids;             // (rows, k)
-  const acc_t* teacher_topk_log_probs;         // (rows, k): log q at teacher_topk_ids
-  const acc_t* teacher_log_probs_at_student;   // (rows, k): log q at student_topk_ids
-  const acc_t* teacher_entropy;                // (rows,)
-  const int64_t* sampled_ids;                  // (rows,) or nullptr
-  const acc_t* teacher_sampled_log_probs;      // (rows,), given with sampled_ids
-  const bool* row_valid;                       // (rows,) or nullptr
-  int k;
-  Variant variant;
-  Estimator estimator;
-  acc_t inv_tau;
-  int sparse_width;
-  acc_t* loss;         // (rows,)
-  acc_t* metrics;      // (rows, kNumMetrics)
-  acc_t* student_lse;  // (rows,)
-  acc_t* teacher_lse;  // (rows,)
-  acc_t* grad_scale;   // (rows,)
-  int64_t* sparse_id;  // (rows, sparse_width)
-  acc_t* sparse_coef;  // (rows, sparse_width)
+  const int64_t* student_topk_ids;            // (rows, k)
+  const int64_t* teacher_topk_ids;            // (rows, k)
+  const acc_t* teacher_topk_log_probs;        // (rows, k): log q at teacher_topk_ids
+  const acc_t* teacher_log_probs_at_student;  // (rows, k): log q at student_topk_ids
+  const acc_t* teacher_entropy;               // (rows,)
+  const acc_t* teacher_sampled_log_probs;     // (rows,), given with sampled_ids
 };
 
 // ---------------------------------------------------------------------------------------
@@ -158,20 +137,14 @@ __device__ __forceinline__ SoftmaxState<acc_t> softmax_block_reduce(SoftmaxState
 template <typename scalar_t, int kSlots>
 __global__ void __launch_bounds__(kForwardThreads)
     row_topk_kernel(const TopkParams<scalar_t> p, const int kpad) {
-  using E = Element<scalar_t>;
-  using acc_t = typename E::acc_t;
+  using acc_t = typename Element<scalar_t>::acc_t;
   using Ops = TopkKey<acc_t>;
-  using Key = typename Ops::type;
 
-  extern __shared__ __align__(16) unsigned char topk_smem[];
   __shared__ SoftmaxState<acc_t> topk_warp_softmax[kForwardWarps + 1];
   __shared__ int64_t topk_id[kMaxK];
   __shared__ acc_t topk_value[kMaxK];
 
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
+  const auto [row, tid, lane, warp] = row_thread();
   const int k = p.k;
   const acc_t inv_tau = p.inv_tau;
   const scalar_t* __restrict__ logits = p.logits + row * p.row_stride;
@@ -181,7 +154,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   st.top.init();
   stream_row<true>(st, logits, p.vocab, inv_tau, k, lane);
 
-  Key* keys = reinterpret_cast<Key*>(topk_smem);
+  auto* keys = dynamic_smem<typename Ops::type>();
   st.top.store(keys + warp * kpad, k, kpad, lane);
   // Its barriers also publish the per-warp key lists.
   const SoftmaxState<acc_t> s = softmax_block_reduce(st.softmax, topk_warp_softmax, warp, lane);
@@ -217,21 +190,13 @@ __global__ void __launch_bounds__(kForwardThreads)
 
   __shared__ SoftmaxState<acc_t> sparse_warp_softmax[kForwardWarps + 1];
   __shared__ acc_t gathered_log_p[kMaxCandidates];  // [0, k) student ids, [k, 2k) teacher ids
-  __shared__ int64_t cand_id[kMaxCandidates];
-  __shared__ acc_t cand_log_p[kMaxCandidates];
-  __shared__ acc_t cand_log_q[kMaxCandidates];
-  __shared__ bool cand_in_student[kMaxCandidates];
-  __shared__ bool cand_in_teacher[kMaxCandidates];
+  __shared__ CandidateBuffer<acc_t> cand;
 
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
+  const auto [row, tid, lane, warp] = row_thread();
+  if (!start_forward_row(p, row, tid)) return;  // block-uniform
   const int64_t vocab = p.vocab;
   const int k = p.k;
   const acc_t inv_tau = p.inv_tau;
-
-  if (!start_forward_row(p, row, tid)) return;  // block-uniform
 
   const scalar_t* __restrict__ student = p.student + row * p.student_row_stride;
   SingleStream<acc_t, 1> st;
@@ -258,65 +223,46 @@ __global__ void __launch_bounds__(kForwardThreads)
   stats.teacher_lse = 0;  // unknown to the student side; not needed without full_vocab
   stats.teacher_entropy = p.teacher_entropy[row];
   if (p.sampled_ids != nullptr) {
-    const int64_t sampled = p.sampled_ids[row];
-    const bool in_range = sampled >= 0 && sampled < vocab;
-    stats.has_sampled = true;
-    stats.sampled_id = in_range ? sampled : int64_t(-1);
-    stats.sampled_log_p =
-        in_range ? E::to_acc(student[sampled]) * inv_tau - student_lse : acc_t(NAN);
+    if (set_sampled_token(stats, p.sampled_ids[row], vocab)) {
+      stats.sampled_log_p = E::to_acc(student[stats.sampled_id]) * inv_tau - student_lse;
+    }
     stats.sampled_log_q = p.teacher_sampled_log_probs[row];
   }
-  const int count = union_candidates(
-      k, student_ids, gathered_log_p, p.teacher_log_probs_at_student + row * k, teacher_ids,
-      gathered_log_p + k, p.teacher_topk_log_probs + row * k, cand_id, cand_log_p, cand_log_q,
-      cand_in_student, cand_in_teacher);
-  const Candidates<acc_t> cand{count,      cand_id,         cand_log_p,
-                               cand_log_q, cand_in_student, cand_in_teacher};
-  finish_forward_row(p, row, stats, cand);
+  const Candidates<acc_t> candidates =
+      union_candidates(k, student_ids, gathered_log_p, p.teacher_log_probs_at_student + row * k,
+                       teacher_ids, gathered_log_p + k, p.teacher_topk_log_probs + row * k, cand);
+  finish_forward_row(p, row, stats, candidates);
 }
 
 // ---------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------
 
-template <typename scalar_t, int kSlots>
-cudaError_t launch_row_topk_instance(const TopkParams<scalar_t>& p, int kpad,
-                                     cudaStream_t stream) {
+// Runs row_topk on `stream`. Needs launchable(rows, vocab, k) (else cudaErrorInvalidValue);
+// rows == 0 is a no-op.
+template <typename scalar_t>
+cudaError_t launch(const TopkParams<scalar_t>& p, cudaStream_t stream) {
+  if (!launchable(p.rows, p.vocab, p.k)) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
   using Key = typename TopkKey<typename Element<scalar_t>::acc_t>::type;
-  const size_t smem = size_t(kForwardWarps) * kpad * sizeof(Key);
-  row_topk_kernel<scalar_t, kSlots>
-      <<<dim3(static_cast<unsigned>(p.rows)), dim3(kForwardThreads), smem, stream>>>(p, kpad);
-  return cudaGetLastError();
+  return with_topk_slots(p.k, [&](auto slots, int kpad) {
+    const size_t smem = size_t(kForwardWarps) * kpad * sizeof(Key);
+    row_topk_kernel<scalar_t, decltype(slots)::value>
+        <<<dim3(static_cast<unsigned>(p.rows)), kForwardThreads, smem, stream>>>(p, kpad);
+    return cudaGetLastError();
+  });
 }
 
-// Runs row_topk on `stream`. Needs 1 <= k <= min(vocab, kMaxK), vocab and rows <= 2^31 - 1
+// Runs opd_forward_sparse on `stream`. Needs launchable(rows, vocab, k) and sparse_width >= 2k
 // (else cudaErrorInvalidValue); rows == 0 is a no-op.
 template <typename scalar_t>
-cudaError_t launch_row_topk(const TopkParams<scalar_t>& p, cudaStream_t stream) {
-  if (p.k < 1 || p.k > kMaxK || p.k > p.vocab || p.vocab > int64_t(0x7fffffff) || p.rows < 0 ||
-      p.rows > int64_t(0x7fffffff)) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.rows == 0) return cudaSuccess;
-  int kpad = 1;
-  while (kpad < p.k) kpad <<= 1;
-  if (p.k <= 32) return launch_row_topk_instance<scalar_t, 1>(p, kpad, stream);
-  if (p.k <= 64) return launch_row_topk_instance<scalar_t, 2>(p, kpad, stream);
-  return launch_row_topk_instance<scalar_t, 4>(p, kpad, stream);
-}
-
-// Runs opd_forward_sparse on `stream`. Needs 1 <= k <= min(vocab, kMaxK), sparse_width >= 2k,
-// vocab and rows <= 2^31 - 1 (else cudaErrorInvalidValue); rows == 0 is a no-op.
-template <typename scalar_t>
-cudaError_t launch_opd_forward_sparse(const SparseForwardParams<scalar_t>& p,
-                                      cudaStream_t stream) {
-  if (p.k < 1 || p.k > kMaxK || p.k > p.vocab || p.sparse_width < 2 * p.k ||
-      p.vocab > int64_t(0x7fffffff) || p.rows < 0 || p.rows > int64_t(0x7fffffff)) {
+cudaError_t launch(const SparseForwardParams<scalar_t>& p, cudaStream_t stream) {
+  if (!launchable(p.rows, p.vocab, p.k) || p.out.sparse_width < 2 * p.k) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;
   opd_forward_sparse_kernel<scalar_t>
-      <<<dim3(static_cast<unsigned>(p.rows)), dim3(kForwardThreads), 0, stream>>>(p);
+      <<<dim3(static_cast<unsigned>(p.rows)), kForwardThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

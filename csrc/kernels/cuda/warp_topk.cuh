@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 
@@ -270,6 +271,18 @@ __device__ void block_sort_descending(typename TopkKey<acc_t>::type* keys, int s
       __syncthreads();
     }
   }
+}
+
+// Calls body(slots, kpad) for k: slots = std::integral_constant<int, kSlots> with kSlots the
+// WarpTopk slots that hold k ranks (1, 2 or 4), kpad = k rounded up to a power of two. Host
+// code: it picks the kernel instance to launch.
+template <typename Body>
+inline auto with_topk_slots(int k, Body&& body) {
+  int kpad = 1;
+  while (kpad < k) kpad <<= 1;
+  if (k <= 32) return body(std::integral_constant<int, 1>{}, kpad);
+  if (k <= 64) return body(std::integral_constant<int, 2>{}, kpad);
+  return body(std::integral_constant<int, 4>{}, kpad);
 }
 
 }  // namespace kernels
