@@ -1,9 +1,24 @@
 // The compiled module opd_fast._C. Importing it runs the TORCH_LIBRARY registrations in
-// registration.cpp, launchers/cpu.cpp and (when built) launchers/cuda.cu; Python then calls the ops
-// through torch.ops.opd_fast. The module itself only reports how it was built.
+// registration.cpp; Python then calls the ops through torch.ops.opd_fast. The module itself
+// reports how it was built and the names C++ and Python share (kernels/names.h), which Python
+// checks against its own lists at import.
 #include <torch/extension.h>
 
+#include <cstddef>
+
 #include "kernels/cpu/kernels.h"
+#include "kernels/names.h"
+
+namespace {
+
+template <size_t N>
+pybind11::tuple names_tuple(const char* const (&names)[N]) {
+  pybind11::tuple result(N);
+  for (size_t i = 0; i < N; ++i) result[i] = pybind11::str(names[i]);
+  return result;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "opd_fast compiled kernels (ops are registered under torch.ops.opd_fast)";
@@ -15,4 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = OPD_FAST_TORCH_VERSION;  // the torch this was compiled against
   m.def("cpu_instruction_set", &opd_fast::cpu::instruction_set,
         "Instruction set the CPU kernels dispatch to on this machine");
+  // In enum order: the index of a name is the value the kernels use.
+  m.attr("variants") = names_tuple(opd_fast::kVariantNames);
+  m.attr("estimators") = names_tuple(opd_fast::kEstimatorNames);
+  m.attr("token_metric_names") = names_tuple(opd_fast::kMetricNames);
+  m.attr("max_k") = opd_fast::kMaxK;
 }
