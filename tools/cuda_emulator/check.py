@@ -96,6 +96,10 @@ def harness(binary: str, work: str, payload: bytes) -> Reader | None:
         return Reader(handle.read())
 
 
+FORWARD_OUTPUTS = ("loss", "metrics", "student_lse", "teacher_lse", "grad_scale", "sparse_id",
+                   "sparse_coef")  # fmt: skip
+
+
 def close(name, what, got, want, tol) -> bool:
     if got.dtype == torch.int64:
         ok = torch.equal(got, want)
@@ -108,115 +112,95 @@ def close(name, what, got, want, tol) -> bool:
     return ok
 
 
-def forward_case(
-    binaries,
-    work,
-    student,
-    teacher,
-    k,
-    variant,
-    estimator,
-    temperature,
-    sampled=None,
-    valid=None,
-    s_off=0,
-    s_pad=0,
-    t_off=0,
-    t_pad=0,
-    g_off=0,
-    name="",
-):
-    """Forward and backward kernels vs the CPU op. Logits sit at element offsets (s_off,
-    t_off) in padded rows (s_pad, t_pad) and the gradient at g_off, to vary alignment."""
+def all_close(name, whats, got, want, tol) -> bool:
+    """close() for each output (all of them, so that every mismatch is printed)."""
+    return all([close(name, what, g, w, tol) for what, g, w in zip(whats, got, want)])
+
+
+def acc_types(dtype):
+    """The accumulation dtype of logits of `dtype` (torch and numpy) and its tolerance."""
+    if dtype == torch.float64:
+        return torch.float64, np.float64, 1e-9
+    return torch.float32, np.float32, 2e-5
+
+
+def padded(x, offset, pad):
+    """x (N, V) copied into a buffer at element `offset`, rows `pad` elements apart: (the
+    buffer, the (N, V) view of it)."""
+    rows, vocab = x.shape
+    big = torch.zeros(rows * (vocab + pad) + offset + 8, dtype=x.dtype)
+    view = big[offset : offset + rows * (vocab + pad)].view(rows, vocab + pad)[:, :vocab]
+    view.copy_(x)
+    return big, view
+
+
+def case_header(student, k, variant, estimator, sampled, valid) -> list:
+    """The header words both harnesses start with (harness_main.h)."""
     rows, vocab = student.shape
-    dtype = student.dtype
-    s_big = torch.zeros(rows * (vocab + s_pad) + s_off + 8, dtype=dtype)
-    s_view = s_big[s_off : s_off + rows * (vocab + s_pad)].view(rows, vocab + s_pad)[:, :vocab]
-    s_view.copy_(student)
-    t_big = torch.zeros(rows * (vocab + t_pad) + t_off + 8, dtype=dtype)
-    t_view = t_big[t_off : t_off + rows * (vocab + t_pad)].view(rows, vocab + t_pad)[:, :vocab]
-    t_view.copy_(teacher)
+    header = [DTYPE_CODES[student.dtype], rows, vocab, k, VARIANTS.index(variant)]
+    return header + [int(estimator == "exact"), int(sampled is not None), int(valid is not None)]
+
+
+def row_bytes(tensor, rows, dtype) -> bytes:
+    """An optional (N,) input as the harness reads it: zeros (or all rows valid) when absent."""
+    if tensor is None:
+        tensor = torch.full((rows,), dtype == torch.bool, dtype=dtype)
+    array = tensor.numpy()
+    return (array.astype(np.uint8) if dtype == torch.bool else array).tobytes()
+
+
+def take_forward_outputs(out, rows, width, np_acc) -> list:
+    """The seven forward outputs, in FORWARD_OUTPUTS order."""
+    got = [out.take(rows, np_acc), out.take(rows * 10, np_acc).reshape(rows, 10)]
+    got += [out.take(rows, np_acc) for _ in range(3)]
+    got.append(out.take(rows * width, np.int64).reshape(rows, width))
+    got.append(out.take(rows * width, np_acc).reshape(rows, width))
+    return got
+
+
+def forward_case(binaries, work, student, teacher, k, variant, estimator, temperature,
+                 sampled=None, valid=None, layout=(0, 0, 0, 0, 0), name=""):  # fmt: skip
+    """Forward and backward kernels vs the CPU op. layout = (s_off, s_pad, t_off, t_pad, g_off):
+    the logits sit at element offsets s_off, t_off in rows padded by s_pad, t_pad, and the
+    gradient at g_off, to vary alignment."""
+    rows, vocab = student.shape
+    s_off, s_pad, t_off, t_pad, g_off = layout
+    s_big, s_view = padded(student, s_off, s_pad)
+    t_big, t_view = padded(teacher, t_off, t_pad)
     forward = ops.opd_forward(s_view, t_view, sampled, valid, k, variant, estimator, temperature)
-    loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef = forward
-    acc = loss.dtype
+    _, _, student_lse, _, grad_scale, sparse_id, sparse_coef = forward
+    acc, np_acc, tol = acc_types(student.dtype)
     grad_loss = torch.randn(rows, dtype=acc)
     grad_loss[::3] = 0
     full = variant == "full_vocab"
-    grad_want = ops.opd_backward(
-        grad_loss,
-        s_view,
-        t_view,
-        student_lse,
-        grad_scale,
-        sparse_id,
-        sparse_coef,
-        temperature,
-        full,
-    )
+    grad_want = ops.opd_backward(grad_loss, s_view, t_view, student_lse, grad_scale, sparse_id,
+                                 sparse_coef, temperature, full)  # fmt: skip
     width = 2 * k
-    header = [DTYPE_CODES[dtype], rows, vocab, k, VARIANTS.index(variant)]
-    header += [int(estimator == "exact"), int(sampled is not None), int(valid is not None)]
+    header = case_header(student, k, variant, estimator, sampled, valid)
     header += [s_off, vocab + s_pad, t_off, vocab + t_pad, s_big.numel(), t_big.numel(), width]
     header += [int(full), g_off]
     payload = struct.pack("<17q", *header) + struct.pack("<d", temperature)
     payload += raw(s_big) + raw(t_big)
-    payload += (
-        (sampled if sampled is not None else torch.zeros(rows, dtype=torch.long)).numpy().tobytes()
-    )
-    flags = valid if valid is not None else torch.ones(rows, dtype=torch.bool)
-    payload += flags.numpy().astype(np.uint8).tobytes()
-    for tensor in (grad_loss, student_lse, grad_scale):
+    payload += row_bytes(sampled, rows, torch.long) + row_bytes(valid, rows, torch.bool)
+    for tensor in (grad_loss, student_lse, grad_scale, sparse_id, sparse_coef):
         payload += tensor.numpy().tobytes()
-    payload += sparse_id.numpy().tobytes() + sparse_coef.numpy().tobytes()
     out = harness(binaries["forward_harness"], work, payload)
     if out is None:
         return False
-    np_acc = np.float64 if acc == torch.float64 else np.float32
-    got = [
-        out.take(rows, np_acc),
-        out.take(rows * 10, np_acc).reshape(rows, 10),
-        out.take(rows, np_acc),
-        out.take(rows, np_acc),
-        out.take(rows, np_acc),
-        out.take(rows * width, np.int64).reshape(rows, width),
-        out.take(rows * width, np_acc).reshape(rows, width),
-    ]
+    got = take_forward_outputs(out, rows, width, np_acc)
     raw_grad = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[student.element_size()]
-    grad = out.take(rows * vocab, raw_grad).view(dtype).reshape(rows, vocab)
-    tol = 1e-9 if acc == torch.float64 else 2e-5
-    names = [
-        "loss",
-        "metrics",
-        "student_lse",
-        "teacher_lse",
-        "grad_scale",
-        "sparse_id",
-        "sparse_coef",
-    ]
-    ok = all([close(name, what, g, w, tol) for what, g, w in zip(names, got, forward)])
+    grad = out.take(rows * vocab, raw_grad).view(student.dtype).reshape(rows, vocab)
+    ok = all_close(name, FORWARD_OUTPUTS, got, forward, tol)
     grad_tol = {torch.float32: 2e-5, torch.float64: 1e-9, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-    ok = close(name, "grad", grad, grad_want, grad_tol[dtype]) and ok
-    return ok
+    return close(name, "grad", grad, grad_want, grad_tol[student.dtype]) and ok
 
 
-def sparse_case(
-    binaries,
-    work,
-    student,
-    teacher,
-    k,
-    variant,
-    estimator,
-    temperature,
-    sampled=None,
-    valid=None,
-    corrupt=False,
-    name="",
-):
+def sparse_case(binaries, work, student, teacher, k, variant, estimator, temperature,
+                sampled=None, valid=None, corrupt=False, name=""):  # fmt: skip
     """Sparse-teacher forward and row_topk kernels vs the CPU ops, on a payload built from the
     teacher's logits (corrupt: out-of-range teacher ids, as a broken server might send)."""
     rows, vocab = student.shape
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc, np_acc, tol = acc_types(student.dtype)
     student_ids, student_log_p, student_lse, student_entropy = ops.row_topk(student, k, temperature)
     teacher_ids, teacher_log_q, teacher_lse, teacher_entropy = ops.row_topk(teacher, k, temperature)
     log_q = teacher.to(acc) / temperature - teacher_lse[:, None]
@@ -227,74 +211,25 @@ def sparse_case(
     sampled_log_q = None
     if sampled is not None:
         sampled_log_q = log_q.gather(1, sampled.clamp(0, vocab - 1)[:, None])[:, 0]
-    want = ops.opd_forward_sparse(
-        student,
-        student_ids,
-        teacher_ids,
-        teacher_log_q,
-        log_q_at_student,
-        teacher_entropy,
-        sampled,
-        sampled_log_q,
-        valid,
-        k,
-        variant,
-        estimator,
-        temperature,
-    )
-    header = [DTYPE_CODES[student.dtype], rows, vocab, k, VARIANTS.index(variant)]
-    header += [int(estimator == "exact"), int(sampled is not None), int(valid is not None)]
+    payload_tensors = (student_ids, teacher_ids, teacher_log_q, log_q_at_student, teacher_entropy)
+    want = ops.opd_forward_sparse(student, *payload_tensors, sampled, sampled_log_q, valid, k,
+                                  variant, estimator, temperature)  # fmt: skip
+    header = case_header(student, k, variant, estimator, sampled, valid)
     payload = struct.pack("<8q", *header) + struct.pack("<d", temperature)
-    payload += raw(student) + student_ids.numpy().tobytes() + teacher_ids.numpy().tobytes()
-    for tensor in (teacher_log_q, log_q_at_student, teacher_entropy):
-        payload += tensor.numpy().tobytes()
-    payload += (
-        (sampled if sampled is not None else torch.zeros(rows, dtype=torch.long)).numpy().tobytes()
-    )
-    payload += (
-        (sampled_log_q if sampled_log_q is not None else torch.zeros(rows, dtype=acc))
-        .numpy()
-        .tobytes()
-    )
-    flags = valid if valid is not None else torch.ones(rows, dtype=torch.bool)
-    payload += flags.numpy().astype(np.uint8).tobytes()
+    payload += raw(student) + b"".join(tensor.numpy().tobytes() for tensor in payload_tensors)
+    payload += row_bytes(sampled, rows, torch.long) + row_bytes(sampled_log_q, rows, acc)
+    payload += row_bytes(valid, rows, torch.bool)
     out = harness(binaries["sparse_harness"], work, payload)
     if out is None:
         return False
-    np_acc = np.float64 if acc == torch.float64 else np.float32
-    width = 2 * k
-    got = [
-        out.take(rows, np_acc),
-        out.take(rows * 10, np_acc).reshape(rows, 10),
-        out.take(rows, np_acc),
-        out.take(rows, np_acc),
-        out.take(rows, np_acc),
-        out.take(rows * width, np.int64).reshape(rows, width),
-        out.take(rows * width, np_acc).reshape(rows, width),
-    ]
-    topk = [
-        out.take(rows * k, np.int64).reshape(rows, k),
-        out.take(rows * k, np_acc).reshape(rows, k),
-        out.take(rows, np_acc),
-        out.take(rows, np_acc),
-    ]
-    tol = 1e-9 if acc == torch.float64 else 2e-5
-    names = [
-        "loss",
-        "metrics",
-        "student_lse",
-        "teacher_lse",
-        "grad_scale",
-        "sparse_id",
-        "sparse_coef",
-    ]
-    ok = all([close(name, what, g, w, tol) for what, g, w in zip(names, got, want)])
+    got = take_forward_outputs(out, rows, 2 * k, np_acc)
+    topk = [out.take(rows * k, np.int64).reshape(rows, k)]
+    topk += [out.take(rows * k, np_acc).reshape(rows, k), out.take(rows, np_acc)]
+    topk.append(out.take(rows, np_acc))
+    ok = all_close(name, FORWARD_OUTPUTS, got, want, tol)
     topk_want = (student_ids, student_log_p, student_lse, student_entropy)
-    topk_names = ["topk ids", "topk log_probs", "topk lse", "topk entropy"]
-    return (
-        all([close(name, what, g, w, tol) for what, g, w in zip(topk_names, topk, topk_want)])
-        and ok
-    )
+    topk_names = ("topk ids", "topk log_probs", "topk lse", "topk entropy")
+    return all_close(name, topk_names, topk, topk_want, tol) and ok
 
 
 def case(name, student, teacher, k, variant, estimator, temperature=1.0, **extra) -> dict:
@@ -314,7 +249,7 @@ def forward_cases(quick: bool):
             s = (torch.randn(3, 203) * 2).to(dtype)
             t = (s.float() + torch.randn(3, 203)).to(dtype)
             yield case(f"{dtype} {variant} {estimator}", s, t, 16, variant, estimator,
-                       sampled=torch.randint(0, 203, (3,)), s_off=1, t_off=1, g_off=1)  # fmt: skip
+                       sampled=torch.randint(0, 203, (3,)), layout=(1, 0, 1, 0, 1))  # fmt: skip
     if quick:
         return
     sizes = [(1, 50), (5, 5), (31, 97), (32, 300), (33, 300), (64, 500), (65, 500), (100, 700),
@@ -364,11 +299,10 @@ def forward_cases(quick: bool):
         s, t = (torch.randn(3, 1001) * 2).to(dtype), (torch.randn(3, 1001) * 2).to(dtype)
         for s_off, s_pad, t_off, t_pad, g_off in layouts:
             yield case(f"{dtype} alignment {s_off} {s_pad} {t_off} {t_pad} {g_off}", s, t, 16,
-                       "full_vocab", "pg", s_off=s_off, s_pad=s_pad, t_off=t_off, t_pad=t_pad,
-                       g_off=g_off)  # fmt: skip
+                       "full_vocab", "pg", layout=(s_off, s_pad, t_off, t_pad, g_off))  # fmt: skip
     for dtype in (torch.bfloat16, torch.float32):
         s, t = (torch.randn(2, 20011) * 4).to(dtype), (torch.randn(2, 20011) * 4).to(dtype)
-        yield case(f"{dtype} V=20011", s, t, 16, "union_topk", "pg", 0.5, s_off=1, t_off=1)
+        yield case(f"{dtype} V=20011", s, t, 16, "union_topk", "pg", 0.5, layout=(1, 0, 1, 0, 0))
         s = torch.arange(3000).float().repeat(2, 1).to(dtype) * 0.01
         yield case(f"{dtype} ascending rows k=64", s, torch.flip(s, [1]), 64, "union_topk", "exact")
 
