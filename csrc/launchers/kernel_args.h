@@ -17,10 +17,16 @@ void point(Pointer& field, const at::Tensor& t) {
   field = t.defined() ? static_cast<Pointer>(t.data_ptr()) : nullptr;
 }
 
+// A (N, V) input whose rows are contiguous: its data and row stride (0 when undefined).
+template <typename Pointer>
+void point_rows(Pointer& field, int64_t& row_stride, const at::Tensor& t) {
+  point(field, t);
+  row_stride = t.defined() ? t.stride(0) : 0;
+}
+
 template <typename Args>
 void set_teacher(Args& args, const ForwardPlan& plan) {
-  point(args.teacher, plan.teacher);
-  args.teacher_row_stride = plan.teacher.stride(0);
+  point_rows(args.teacher, args.teacher_row_stride, plan.teacher);
 }
 
 template <typename Args>
@@ -36,8 +42,7 @@ void set_teacher(Args& args, const SparseForwardPlan& plan) {
 // opd_forward (Plan = ForwardPlan) and opd_forward_sparse (SparseForwardPlan).
 template <typename Args, typename Plan>
 void fill_args(Args& args, const Plan& plan, const ForwardOutputTensors& outputs) {
-  point(args.student, plan.student);
-  args.student_row_stride = plan.student.stride(0);
+  point_rows(args.student, args.student_row_stride, plan.student);
   args.vocab = plan.student.size(1);
   point(args.sampled_ids, plan.sampled_ids);
   point(args.row_valid, plan.row_valid);
@@ -57,8 +62,7 @@ void fill_args(Args& args, const Plan& plan, const ForwardOutputTensors& outputs
 
 template <typename Args>
 void fill_args(Args& args, const RowTopkPlan& plan, const RowTopkOutputTensors& outputs) {
-  point(args.logits, plan.logits);
-  args.row_stride = plan.logits.stride(0);
+  point_rows(args.logits, args.row_stride, plan.logits);
   args.vocab = plan.logits.size(1);
   args.k = plan.k;
   point(args.ids, outputs.ids);
@@ -69,10 +73,8 @@ void fill_args(Args& args, const RowTopkPlan& plan, const RowTopkOutputTensors& 
 
 template <typename Args>
 void fill_args(Args& args, const BackwardPlan& plan, const at::Tensor& grad_student) {
-  point(args.student, plan.student);
-  point(args.teacher, plan.teacher);  // undefined, so nullptr, without full_vocab
-  args.student_row_stride = plan.student.stride(0);
-  args.teacher_row_stride = plan.full_vocab ? plan.teacher.stride(0) : 0;
+  point_rows(args.student, args.student_row_stride, plan.student);
+  point_rows(args.teacher, args.teacher_row_stride, plan.teacher);  // undefined without full_vocab
   args.vocab = plan.student.size(1);
   args.full_vocab = plan.full_vocab;
   point(args.grad_loss, plan.grad_loss);
