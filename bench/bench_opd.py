@@ -2,9 +2,9 @@
 
 Implementations (--impls):
   opd_fast       opd_fast.opd_loss (the fused op; default check_values=True, one host sync)
-  eager          opd_fast.reference.opd_loss as written: dense (N, V) masks, a tie-exact top-k
+  eager          opd_fast.op.reference.opd_loss as written: dense (N, V) masks, a tie-exact top-k
                  built from torch.topk + a cumsum over V, every quantity a full-vocabulary tensor
-  compile        torch.compile(opd_fast.reference.opd_loss, dynamic=False), compiled once per
+  compile        torch.compile(opd_fast.op.reference.opd_loss, dynamic=False), compiled once per
                  (N, dtype); the first call (compilation) is reported as compile_s, not timed
   eager_careful  NOT the reference: a hand-written eager PyTorch version of student_topk/pg
                  (log_softmax + torch.topk + gather, same loss, gradient and metrics) that a
@@ -50,7 +50,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import git_info, machine_info  # bench/machine.py
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,7 +133,7 @@ def careful_eager_opd_loss(student_logits, teacher_logits, *, k=16, temperature=
 def make_loss_fn(impl, args):
     """A function (student, teacher) -> scalar loss tensor for `impl`."""
     import opd_fast
-    from opd_fast import reference
+    from opd_fast.op import reference
 
     options = dict(
         k=args.k, variant=args.variant, estimator=args.estimator, temperature=args.temperature
@@ -390,44 +390,6 @@ def available_memory_bytes(device):
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def machine_info(device):
-    info = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-        with open("/proc/meminfo") as meminfo:
-            info["ram_bytes"] = int(meminfo.readline().split()[1]) * 1024
-    except OSError:
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=props.name,
-            gpu_memory_bytes=props.total_memory,
-            gpu_sm_count=props.multi_processor_count,
-            gpu_capability=f"{props.major}.{props.minor}",
-        )
-        try:
-            info["nvidia_driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return info
-
-
 def extension_fingerprint():
     """sha256 and mtime of the loaded opd_fast._C, to tell builds apart."""
     import hashlib
@@ -440,20 +402,6 @@ def extension_fingerprint():
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(timespec="seconds")
     return {"extension_sha256": digest[:16], "extension_mtime": mtime}
-
-
-def git_info():
-    def git(*argv):
-        return subprocess.run(
-            ["git", "-C", str(REPO_ROOT), *argv], capture_output=True, text=True, timeout=20
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD") or "unknown"
-        dirty = bool(git("status", "--porcelain", "--", "csrc", "opd_fast", "setup.py"))
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", None
-    return {"commit": commit, "source_dirty": dirty}
 
 
 def nearest_smaller(measured, impl, mode, dtype, rows):
@@ -770,7 +718,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but torch.cuda.is_available() is False")
     header = {
-        "benchmark": "opd_fast.opd_loss vs opd_fast.reference.opd_loss",
+        "benchmark": "opd_fast.opd_loss vs opd_fast.op.reference.opd_loss",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv,
         "machine": machine_info(device),
@@ -790,7 +738,7 @@ def main(argv=None):
             "allocations < 32 MB)"
         ),
         "notes": [
-            "eager = opd_fast.reference.opd_loss as written (readable statement of the spec): "
+            "eager = opd_fast.op.reference.opd_loss as written (readable statement of the spec): "
             "dense (N, V) masks and a tie-exact top-k built from torch.topk + cumsum over V",
             "eager_careful is NOT the reference: a hand-written eager student_topk/pg version "
             "(torch.topk tie order); its loss may differ from the reference on tied logits",

@@ -16,7 +16,7 @@ Reported per row: response tokens/s (median, p10, p90 over --repeats), request a
 bytes per response token, and the answer's size as a fraction of fp32 logits at the model's V
 and at V = 151,936 (the issue's target: <= 1% at k = 16).
 
-Training (`train`): the toy demo recipe (opd_fast.recipes.TOY_DEMO, --steps overrides its
+Training (`train`): the toy demo recipe (opd_fast.training.recipes.TOY_DEMO, --steps overrides its
 length) with the teacher in process and with `teacher_url` pointing at a server subprocess
 (started once), alternating --repeats pairs so that load drift hits both alike; reports per
 pair both wall times and their ratio (target <= 1.3), the ratio of the summed step times
@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import git_info, machine_info  # bench/machine.py
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_VOCAB = 151_936
@@ -97,7 +97,11 @@ def serve(args) -> int:
 
 class _Subprocess:
     def __init__(self, model, device, logits=False, python_args=()):
-        from opd_fast.serving.testing import free_port, wait_healthy
+        # The test suite's server helpers (python_tests/serving_helpers.py).
+        sys.path.insert(
+            0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python_tests")
+        )
+        from serving_helpers import free_port, wait_healthy
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -115,7 +119,7 @@ class _Subprocess:
 
 
 def synthetic_model(folder: str, vocab: int) -> str:
-    from opd_fast.testing import save_tiny_model
+    from opd_fast.toy.tiny import save_tiny_model
 
     return save_tiny_model(folder, vocab_size=vocab, hidden_size=64, num_layers=1, seed=0)
 
@@ -140,8 +144,8 @@ def _percentiles(values):
 
 def time_remote(url, body, decode, clients, repeats, requests_per_client):
     """Wall time of `clients` threads each posting `body` requests_per_client times."""
-    from opd_fast.serving.client import HttpTransport
     from opd_fast.serving.protocol import CONTENT_TYPE
+    from opd_fast.teachers.http import HttpTransport
 
     transports = [HttpTransport(url, timeout=600) for _ in range(clients)]
     sizes = {}
@@ -294,8 +298,8 @@ def _cpu_seconds(pid: int | None = None) -> float:
 
 def _train(config_values: dict, server_pid: int | None = None):
     """(wall s, CPU s of the trainer plus the server, train records) of one run."""
-    from opd_fast.config import make_config
-    from opd_fast.trainer import Trainer
+    from opd_fast.training.config import make_config
+    from opd_fast.training.trainer import Trainer
 
     cpu = _cpu_seconds() + (_cpu_seconds(server_pid) if server_pid else 0.0)
     started = time.perf_counter()
@@ -307,8 +311,8 @@ def _train(config_values: dict, server_pid: int | None = None):
 
 
 def bench_training(args) -> dict:
-    from opd_fast.recipes import TOY_DEMO
     from opd_fast.toy import toy_assets
+    from opd_fast.training.recipes import TOY_DEMO
 
     assets = toy_assets(cache_dir=args.toy_cache, progress=False)
     paths = {
@@ -407,37 +411,6 @@ def bench_training(args) -> dict:
 # ---- main -------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    info = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-    }
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            info["cpu"] = next(
-                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        info["commit"] = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -479,7 +452,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     out = args.out or str(REPO_ROOT / "bench" / "results" / f"serving-{device}-{date}.json")
-    report = {"date": date, "argv": sys.argv, "machine": machine_info()}
+    report = {"date": date, "argv": sys.argv, "machine": machine_info(), **git_info()}
     if os.path.exists(out):
         with open(out) as handle:
             report = {**json.load(handle), **report}

@@ -19,10 +19,10 @@ import tempfile
 
 import torch
 
-from opd_fast.config import make_config
-from opd_fast.models import resolve_device, resolve_dtype
-from opd_fast.testing import save_tiny_model, tiny_tokenizer, write_prompts
-from opd_fast.trainer import train
+from opd_fast.models.loading import resolve_device, resolve_dtype
+from opd_fast.toy.tiny import save_tiny_model, tiny_tokenizer, write_prompts
+from opd_fast.training.config import make_config
+from opd_fast.training.trainer import train
 
 RATES = ("rollout_tokens_per_s", "teacher_tokens_per_s", "train_tokens_per_s")
 

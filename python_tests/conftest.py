@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import opd_fast
-from opd_fast import reference
-from opd_fast.reference import ESTIMATORS, TOKEN_METRIC_NAMES, VARIANTS
+from opd_fast.op import reference
+from opd_fast.op.names import ESTIMATORS, TOKEN_METRIC_NAMES, VARIANTS
 
 # The op tests are thousands of small reference computations, for which waking an intra-op
 # thread pool costs more than the work (and far more on a busy machine): the `single_thread`

@@ -21,8 +21,8 @@ from conftest import (
 )
 
 import opd_fast
-from opd_fast import ops, reference
-from opd_fast.payload import payload_from_logits
+from opd_fast.op import kernels, reference
+from opd_fast.op.payload import payload_from_logits
 
 pytestmark = [
     pytest.mark.cuda,
@@ -55,8 +55,8 @@ def _log_atol(dtype, logits, temperature):
 
 
 def _check_row_topk(logits, k, temperature):
-    cpu = ops.row_topk(logits, k, temperature)
-    gpu = ops.row_topk(logits.to(DEVICE), k, temperature)
+    cpu = kernels.row_topk(logits, k, temperature)
+    gpu = kernels.row_topk(logits.to(DEVICE), k, temperature)
     assert gpu.ids.device.type == DEVICE and gpu.ids.dtype == torch.int64
     assert gpu.ids.shape == (logits.shape[0], k)
     assert torch.equal(gpu.ids.cpu(), cpu.ids)
@@ -94,7 +94,7 @@ def test_row_topk_cuda_ties_neg_inf_nan(dtype, k):
 
 
 def _payload(student, teacher, k, temperature, sampled):
-    requested = ops.row_topk(student, k, temperature).ids
+    requested = kernels.row_topk(student, k, temperature).ids
     return payload_from_logits(teacher, requested, k, temperature, sampled)
 
 
@@ -196,8 +196,8 @@ def test_sparse_op_cuda_matches_cpu_edge_rows(dtype):
         ("teacher_topk", "pg"),
         ("sampled_token", "pg"),
     ]:
-        cpu = ops.opd_forward_sparse(student, *args, k, variant, estimator, 1.0)
-        gpu = ops.opd_forward_sparse(
+        cpu = kernels.opd_forward_sparse(student, *args, k, variant, estimator, 1.0)
+        gpu = kernels.opd_forward_sparse(
             student.to(DEVICE), *[a.to(DEVICE) for a in args], k, variant, estimator, 1.0
         )
         for name in ("loss", "metrics", "student_lse", "teacher_lse", "grad_scale", "sparse_coef"):

@@ -8,7 +8,7 @@ import torch
 from conftest import requires_cuda
 
 import opd_fast
-from opd_fast.loss import NonFiniteLogitsError
+from opd_fast.op.loss import NonFiniteLogitsError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -20,7 +20,7 @@ import torch
 from conftest import VARIANT_ESTIMATORS
 
 import opd_fast
-from opd_fast import reference
+from opd_fast.op import reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -33,7 +33,7 @@ from conftest import (
 )
 
 import opd_fast
-from opd_fast.reference import TOKEN_METRIC_NAMES, VARIANTS
+from opd_fast.op.names import TOKEN_METRIC_NAMES, VARIANTS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from opd_fast.dedup import deduplicate, jaccard, shingles
-from opd_fast.diagnostics import auroc
-from opd_fast.metrics import PositionProfile
-from opd_fast.probe import ProbeSettings, probe, verdict
-from opd_fast.sft import repeated_ngram_fraction
-from opd_fast.testing import tiny_setup
-from opd_fast.trainer import train
+from opd_fast.paper.dedup import deduplicate, jaccard, shingles
+from opd_fast.paper.diagnostics import auroc
+from opd_fast.paper.probe import ProbeSettings, probe, verdict
+from opd_fast.toy.tiny import tiny_setup
+from opd_fast.training.cold_start import repeated_ngram_fraction
+from opd_fast.training.metrics import PositionProfile
+from opd_fast.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_cli_probe_and_diagnose(tiny, tmp_path):
 
 
 def test_repro_judge_needs_spread_to_call_a_finding_reproduced():
-    from opd_fast.repro import judge
+    from opd_fast.paper.repro import judge
 
     assert judge([0.8, 0.7, 0.75], [0.1, 0.2, 0.15])[0] == "reproduced"
     assert judge([0.8, 0.1, 0.5], [0.4, 0.3, 0.45])[0].startswith("not reproduced")

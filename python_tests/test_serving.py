@@ -17,34 +17,34 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from serving_helpers import (
+    FakeOpenAIServer,
+    assert_close_records,
+    free_port,
+    reference_scores,
+)
 
 import opd_fast
-from opd_fast import ops
-from opd_fast.config import make_config
-from opd_fast.models import load_model, load_tokenizer
-from opd_fast.payload import TeacherPayload, payload_from_logits
+from opd_fast.models.loading import CPU_FP32, load_model, load_tokenizer
+from opd_fast.op import kernels
+from opd_fast.op.payload import TeacherPayload, payload_from_logits
 from opd_fast.serving import protocol
-from opd_fast.serving.client import (
+from opd_fast.serving.scorer import Scorer, ServerLimits
+from opd_fast.serving.server import TeacherServer
+from opd_fast.teachers.http import (
     RetryPolicy,
     TeacherAuthError,
     TeacherClient,
     TeacherRequestError,
     TeacherUnavailableError,
 )
-from opd_fast.serving.openai_teacher import SUPPORTED_VARIANTS, OpenAITeacher
-from opd_fast.serving.remote_teacher import RemoteTeacher
-from opd_fast.serving.scorer import Scorer, ServerLimits
-from opd_fast.serving.server import TeacherServer
-from opd_fast.serving.spans import ScoredSpan, scored_spans
-from opd_fast.serving.testing import (
-    FakeOpenAIServer,
-    assert_close_records,
-    free_port,
-    reference_scores,
-)
-from opd_fast.teacher import LocalTeacher
-from opd_fast.testing import save_tiny_model, tiny_setup, tiny_tokenizer
-from opd_fast.trainer import Trainer
+from opd_fast.teachers.local import LocalTeacher
+from opd_fast.teachers.openai import SUPPORTED_VARIANTS, OpenAITeacher
+from opd_fast.teachers.payload_batch import ScoredSpan, scored_spans
+from opd_fast.teachers.remote import RemoteTeacher
+from opd_fast.toy.tiny import save_tiny_model, tiny_setup, tiny_tokenizer
+from opd_fast.training.config import make_config
+from opd_fast.training.trainer import Trainer
 
 PADDING = 64  # the tiny teacher's embedding table has 64 rows past the tokenizer
 FAST_RETRY = RetryPolicy(max_elapsed_s=2.0, initial_delay_s=0.01, max_delay_s=0.1)
@@ -70,7 +70,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_model(tiny):
-    return load_model(tiny["teacher"], torch.device("cpu"), torch.float32, "sdpa", False)
+    return load_model(tiny["teacher"], CPU_FP32, False)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_health_model_info_and_tokenizer_check(server, tokenizer, tmp_path):
     assert client.health() == {"status": "ok"}
     info = client.model_info()
     assert info["vocab_size"] == len(tokenizer) + PADDING
-    assert info["max_k"] == ops.MAX_K and info["dtype"] == "float32"
+    assert info["max_k"] == kernels.MAX_K and info["dtype"] == "float32"
     assert info["limits"]["max_seq_len"] == ServerLimits().max_seq_len
     teacher = RemoteTeacher(server.url)
     assert teacher.vocab_size == len(tokenizer) + PADDING
@@ -292,7 +292,7 @@ def test_remote_payload_gives_the_dense_loss(server, teacher_model, tokenizer, v
     student = torch.randn(4, total - 1, vocab, generator=generator) * 3
     teacher_logits = LocalTeacher(teacher_model, 2).logits(input_ids, attention, positions)
     dense_teacher = teacher_logits[:, :-1, :vocab]
-    requested = ops.row_topk(student.reshape(-1, vocab), k, tau).ids.reshape(4, total - 1, k)
+    requested = kernels.row_topk(student.reshape(-1, vocab), k, tau).ids.reshape(4, total - 1, k)
     remote = RemoteTeacher(server.url, retry=FAST_RETRY)
     payload = remote.payload(input_ids, attention, mask, requested, k, tau, vocab)
     assert payload.topk_ids.shape == (4, total - 1, k) and payload.entropy.shape == (4, total - 1)
@@ -369,7 +369,7 @@ def test_trainer_refuses_remote_full_vocab_and_other_tokenizer(tmp_path, tiny, s
         Trainer(make_config(dict(base, variant="full_vocab")))
     other = _other_tokenizer()
     path = save_tiny_model(str(tmp_path / "other"), tokenizer=other, vocab_size=len(other))
-    other_model = load_model(path, torch.device("cpu"), torch.float32, "sdpa", False)
+    other_model = load_model(path, CPU_FP32, False)
     other_server = make_server(scorer_=Scorer(other_model, other, path))
     with pytest.raises(ValueError, match="different tokenizer"):
         Trainer(make_config(dict(base, teacher_url=other_server.url)))
@@ -454,7 +454,7 @@ def _bad_requests(vocab_rows):
             422,
             "requested_ids",
         ),
-        ("k too large", _request([seq], [5], k=ops.MAX_K + 1), 422, "k must be"),
+        ("k too large", _request([seq], [5], k=kernels.MAX_K + 1), 422, "k must be"),
         ("k zero", _request([seq], [5], k=0, requested=None), 422, "k must be"),
         ("temperature zero", _request([seq], [5], temperature=0.0), 422, "temperature"),
         ("temperature nan", _request([seq], [5], temperature=math.nan), 422, "temperature"),
@@ -569,7 +569,7 @@ def test_idle_keepalive_connection_is_reopened_quietly(make_server, monkeypatch,
     client = TeacherClient(server.url, retry=FAST_RETRY)
     assert client.health() == {"status": "ok"}
     time.sleep(0.6)
-    with caplog.at_level(logging.WARNING, logger="opd_fast.serving"):
+    with caplog.at_level(logging.WARNING, logger="opd_fast.teachers"):
         assert client.health() == {"status": "ok"}
     assert not caplog.records
 
@@ -665,7 +665,7 @@ def exact_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(exact_tiny):
-    model = load_model(exact_tiny["teacher"], torch.device("cpu"), torch.float32, "sdpa", False)
+    model = load_model(exact_tiny["teacher"], CPU_FP32, False)
     with FakeOpenAIServer(model, load_tokenizer(exact_tiny["teacher"]), api_key="key") as fake:
         yield fake
 
@@ -699,7 +699,7 @@ def test_openai_adapter_payload_is_exact_where_defined(engine, mode):
     )
     mask = response[:, 1:]
     student = torch.randn(3, total - 1, vocab, generator=generator)
-    requested = ops.row_topk(student.reshape(-1, vocab), k).ids.reshape(3, total - 1, k)
+    requested = kernels.row_topk(student.reshape(-1, vocab), k).ids.reshape(3, total - 1, k)
     adapter = _adapter(engine, mode=mode, top_logprobs=k + 4)
     payload = adapter.payload(input_ids, attention, mask, requested, k, 1.0, vocab)
     logits = LocalTeacher(engine.model, 8).logits(input_ids, attention, positions)[:, :-1]
@@ -734,7 +734,7 @@ def test_openai_adapter_nan_fields_never_silently_enter_a_loss(engine):
     input_ids, attention, response, positions = _padded_batch(generator, vocab, [10, 8], [3, 2], 10)
     mask = response[:, 1:]
     student = torch.randn(2, 9, vocab, generator=generator) * 2
-    requested = ops.row_topk(student.reshape(-1, vocab), k).ids.reshape(2, 9, k)
+    requested = kernels.row_topk(student.reshape(-1, vocab), k).ids.reshape(2, 9, k)
     payload = _adapter(engine).payload(input_ids, attention, mask, requested, k, 1.0, vocab)
     teacher = LocalTeacher(engine.model, 8).logits(input_ids, attention, positions)[:, :-1]
     for variant in opd_fast.VARIANTS:
@@ -801,7 +801,7 @@ def test_teacher_payload_nan_marks_are_checked():
         torch.randn(6, 40, generator=generator),
         torch.randn(6, 40, generator=generator),
     )
-    requested = ops.row_topk(student, 4).ids
+    requested = kernels.row_topk(student, 4).ids
     payload = payload_from_logits(teacher, requested, 4)
     in_topk = (requested[:, :, None] == payload.topk_ids[:, None, :]).any(-1)
     assert in_topk.any()

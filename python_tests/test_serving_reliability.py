@@ -13,16 +13,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from serving_helpers import ServerProcess, assert_close_records, reference_scores
 
-from opd_fast.config import make_config
-from opd_fast.models import load_model, load_tokenizer
+from opd_fast.models.loading import CPU_FP32, load_model, load_tokenizer
 from opd_fast.serving import protocol
-from opd_fast.serving.client import RetryPolicy, TeacherClient, TeacherRequestError
 from opd_fast.serving.scorer import Scorer, ServerLimits
 from opd_fast.serving.server import TeacherServer
-from opd_fast.serving.testing import ServerProcess, assert_close_records, reference_scores
-from opd_fast.testing import tiny_setup
-from opd_fast.trainer import Trainer
+from opd_fast.teachers.http import RetryPolicy, TeacherClient, TeacherRequestError
+from opd_fast.toy.tiny import tiny_setup
+from opd_fast.training.config import make_config
+from opd_fast.training.trainer import Trainer
 
 CLIENTS, REQUESTS = 32, 1000
 TIMING_KEYS = ("per_s", "seconds", "memory")
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_model(tiny):
-    return load_model(tiny["teacher"], torch.device("cpu"), torch.float32, "sdpa", False)
+    return load_model(tiny["teacher"], CPU_FP32, False)
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import opd_fast
-from opd_fast import ops, reference
-from opd_fast.payload import TeacherPayload, payload_from_logits
+from opd_fast.op import kernels, reference
+from opd_fast.op.payload import TeacherPayload, payload_from_logits
 
 SPARSE_VARIANTS = [v for v in reference.VARIANTS if v != "full_vocab"]
 
@@ -29,7 +29,7 @@ def _logits(rows, vocab, dtype, seed=0, ties=False, masked=False):
 @pytest.mark.parametrize("ties", [False, True])
 def test_row_topk_matches_reference(dtype, ties):
     logits, _ = _logits(13, 777, dtype, ties=ties, masked=True)
-    top = ops.row_topk(logits, 16, temperature=0.5)
+    top = kernels.row_topk(logits, 16, temperature=0.5)
     expected = reference.topk_mask(logits.double(), 16)
     chosen = torch.zeros_like(expected).scatter_(1, top.ids, True)
     assert torch.equal(chosen, expected)
@@ -73,7 +73,7 @@ def test_sparse_payload_equals_dense_logits(variant, estimator, dtype):
     dense = opd_fast.opd_loss(dense_student, teacher, **settings)
     dense.loss.backward()
 
-    requested = ops.row_topk(student.reshape(-1, 501), k, temperature).ids
+    requested = kernels.row_topk(student.reshape(-1, 501), k, temperature).ids
     payload = payload_from_logits(
         teacher.reshape(-1, 501), requested, k, temperature, sampled.reshape(-1)
     )
@@ -94,7 +94,7 @@ def test_sparse_payload_equals_dense_logits(variant, estimator, dtype):
 
 def test_full_vocab_needs_logits():
     student, teacher = _logits(4, 50, torch.float32)
-    requested = ops.row_topk(student, 4).ids
+    requested = kernels.row_topk(student, 4).ids
     payload = payload_from_logits(teacher, requested, 4)
     with pytest.raises(ValueError, match="full_vocab.*full logits"):
         opd_fast.opd_loss(student, payload, k=4, variant="full_vocab")
@@ -102,7 +102,7 @@ def test_full_vocab_needs_logits():
 
 def test_payload_shape_and_nan_errors():
     student, teacher = _logits(4, 50, torch.float32)
-    payload = payload_from_logits(teacher, ops.row_topk(student, 4).ids, 4)
+    payload = payload_from_logits(teacher, kernels.row_topk(student, 4).ids, 4)
     with pytest.raises(ValueError, match="topk_ids must be"):
         opd_fast.opd_loss(student, payload, k=5)
     with pytest.raises(ValueError, match="no sampled_log_probs"):
@@ -123,7 +123,7 @@ def test_payload_is_under_one_percent_of_logits():
     vocab, k = 151_936, 16
     student, teacher = _logits(3, vocab, torch.float32)
     payload = payload_from_logits(
-        teacher, ops.row_topk(student, k).ids, k, sampled_ids=torch.zeros(3, dtype=torch.long)
+        teacher, kernels.row_topk(student, k).ids, k, sampled_ids=torch.zeros(3, dtype=torch.long)
     )
     # int64 ids here; the wire format (opd_fast.serving) sends int32 ids
     assert payload.nbytes_per_position() <= 0.01 * vocab * 4

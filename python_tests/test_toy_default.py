@@ -35,7 +35,7 @@ def test_demo_recovers_the_gap_and_overlap_rises(toy_cache, tmp_path, capsys):
 
 
 def test_repro_quick_runs_the_whole_grid(toy_cache, tmp_path):
-    from opd_fast.repro import FINDINGS, RUNS
+    from opd_fast.paper.repro import FINDINGS, RUNS
 
     out = tmp_path / "repro"
     assert main(["repro", "--quick", "--out", str(out)]) == 0

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from opd_fast import reference
-from opd_fast.config import load_config, make_config
-from opd_fast.loss import OPDLossOutput, _mean_metrics
-from opd_fast.testing import save_tiny_model, tiny_setup, tiny_tokenizer
-from opd_fast.trainer import Trainer, TrainingDiverged, train
+from opd_fast.op import reference
+from opd_fast.op.loss import OPDLossOutput, _mean_metrics
+from opd_fast.toy.tiny import save_tiny_model, tiny_setup, tiny_tokenizer
+from opd_fast.training.config import load_config, make_config
+from opd_fast.training.trainer import Trainer, TrainingDiverged, train
 
 TINY_RUN = dict(
     steps=4,
@@ -176,7 +176,10 @@ def test_unknown_config_key_lists_valid_keys():
     ("values", "message"),
     [
         ({"steps": 0}, "steps must be >= 1"),
-        ({"variant": "topk"}, "variant must be one of"),
+        ({"variant": "topk"}, "config: unknown variant 'topk'; expected one of"),
+        ({"k": 129}, r"config: k must be in \[1, 128\], got 129"),
+        ({"teacher_api": "grpc"}, "teacher_api must be one of"),
+        ({"teacher_api": "openai"}, "needs teacher_url and teacher_model"),
         ({"variant": "sampled_token", "estimator": "exact"}, "no form"),
         ({"rollout_top_p": 1.5}, "rollout_top_p"),
         ({"student": "/nonexistent/model"}, "student path does not exist"),
@@ -210,9 +213,13 @@ def test_empty_dataset_is_an_error(tmp_path, tiny):
         train(dict(**{**tiny, "train_data": str(empty)}, **TINY_RUN, run_dir=str(tmp_path / "r")))
 
 
-def test_k_larger_than_vocabulary_is_an_error(tmp_path, tiny):
-    with pytest.raises(ValueError, match="k=100000 is larger than the vocabulary"):
-        Trainer(make_config(dict(**tiny, **TINY_RUN, k=100000, run_dir=str(tmp_path / "r"))))
+def test_k_larger_than_the_shared_vocabulary_is_an_error():
+    # The pair loader's check once the shared vocabulary is known (the tiny models' 512 ids
+    # exceed MAX_K, which the config checks before any model loads).
+    from opd_fast.op.names import check_k
+
+    with pytest.raises(ValueError, match=r"config: k must be in \[1, min\(V, 128\)\], got k=20"):
+        check_k(20, 16, where="config: ")
 
 
 def test_mismatched_tokenizers_are_an_error(tmp_path, tiny):
@@ -244,7 +251,7 @@ def test_padded_teacher_vocabulary_uses_shared_part(tmp_path, tiny):
 
 
 def test_shared_vocab_size_drops_padding_and_names_a_real_mismatch():
-    from opd_fast.models import shared_vocab_size
+    from opd_fast.models.vocabulary import shared_vocab_size
 
     tokenizer = tiny_tokenizer()
     rows = len(tokenizer)

@@ -1,29 +1,13 @@
-"""Teacher serving: a scoring server that answers with exact top-k payloads (OPD_SPEC.md
-section 6) instead of (T, V) logits, its client, the trainer's RemoteTeacher, and an adapter
-for teachers behind OpenAI-compatible inference servers. User guide: docs/serving.md.
+"""Teacher serving, the server side: `opd-fast serve-teacher` answers score requests with
+exact top-k payloads (docs/math.md, Teacher payload) instead of (T, V) logits.
+User guide: docs/serving.md.
+
+`protocol` is the wire format (shared with the client in opd_fast.teachers), `scorer`
+validates requests and scores batches with the model, `server` is the HTTP server with its
+request batching.
 
     opd-fast serve-teacher --model DIR [--host 127.0.0.1] [--port 8000] [--token SECRET]
     opd-fast train --set teacher_url=http://127.0.0.1:8000 --set teacher_token=SECRET ...
+
+Imports: opd_fast.op, opd_fast.models, opd_fast.toy (the "toy" model).
 """
-
-from opd_fast.serving.client import (
-    RetryPolicy,
-    TeacherAuthError,
-    TeacherClient,
-    TeacherError,
-    TeacherProtocolError,
-    TeacherRequestError,
-    TeacherUnavailableError,
-)
-from opd_fast.serving.remote_teacher import RemoteTeacher
-
-__all__ = [
-    "RemoteTeacher",
-    "RetryPolicy",
-    "TeacherAuthError",
-    "TeacherClient",
-    "TeacherError",
-    "TeacherProtocolError",
-    "TeacherRequestError",
-    "TeacherUnavailableError",
-]

@@ -2,7 +2,7 @@
 
 The arithmetic is the in-process trainer's: sequences right-padded with explicit position ids
 (attention_mask.cumsum - 1, as opd_fast.rollout packs them), the model's logits at the response
-positions sliced to `vocab_limit` columns, then opd_fast.payload.payload_from_logits (the fused
+positions sliced to `vocab_limit` columns, then opd_fast.op.payload.payload_from_logits (the fused
 row_topk op) at the requested temperature, in the dtype the trainer would use (float32 on CPU).
 """
 
@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from opd_fast import ops
-from opd_fast.payload import payload_from_logits
+from opd_fast.models.loading import Placement, load_model, load_tokenizer
+from opd_fast.models.vocabulary import output_rows, tokenizer_fingerprint
+from opd_fast.op.names import MAX_K
+from opd_fast.op.payload import payload_from_logits
 from opd_fast.serving import protocol
 
 
@@ -110,8 +112,22 @@ def _int_list(header: dict, name: str) -> list[int]:
     return values
 
 
+def _ids(arrays, name: str, shape: tuple, shape_note: str, limit: int, limit_name: str):
+    """arrays[name] checked to be int32 of `shape` with every id in [0, limit), as int64."""
+    values = arrays[name]
+    if values.dtype != protocol.DTYPES["int32"] or values.shape != shape:
+        raise RequestError(
+            400,
+            f"{name} must be int32 of shape {shape}{shape_note}, got {values.dtype} {values.shape}",
+        )
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() >= limit):
+        raise RequestError(422, f"{name} must be in [0, {limit_name})")
+    return values
+
+
 def parse_score_request(
-    body: bytes, limits: ServerLimits, model_rows: int, max_k: int = ops.MAX_K
+    body: bytes, limits: ServerLimits, model_rows: int, max_k: int = MAX_K
 ) -> ScoreJob:
     """Decode and validate a score request; raises RequestError (400 malformed, 422 values or
     limits) with a message naming the problem."""
@@ -181,53 +197,41 @@ def parse_score_request(
                 f"sequence {index}: response_start must be in [1, length] and length >= 1, "
                 f"got start {start}, length {length}",
             )
-    token_ids = arrays["token_ids"]
-    if token_ids.dtype != protocol.DTYPES["int32"] or token_ids.shape != (sum(lengths),):
-        raise RequestError(
-            400,
-            f"token_ids must be int32 of shape ({sum(lengths)},), got "
-            f"{token_ids.dtype} {token_ids.shape}",
-        )
-    token_ids = token_ids.astype(np.int64)
-    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= model_rows):
-        raise RequestError(422, f"token_ids must be in [0, {model_rows})")
+    token_ids = _ids(arrays, "token_ids", (sum(lengths),), "", model_rows, str(model_rows))
     sequences = np.split(token_ids, np.cumsum(lengths)[:-1])
     for index, (sequence, start) in enumerate(zip(sequences, starts)):
         if sequence[start:].size and sequence[start:].max() >= vocab_limit:
             raise RequestError(
                 422, f"sequence {index}: a response token is >= vocab_limit {vocab_limit}"
             )
-    requested = arrays.get("requested_ids")
-    positions = sum(length - start for length, start in zip(lengths, starts))
-    if requested is not None:
-        if requested.dtype != protocol.DTYPES["int32"] or requested.shape != (positions, k):
-            raise RequestError(
-                400,
-                f"requested_ids must be int32 of shape ({positions}, {k}) (response "
-                f"positions x k), got {requested.dtype} {requested.shape}",
-            )
-        requested = requested.astype(np.int64)
-        if requested.size and (requested.min() < 0 or requested.max() >= vocab_limit):
-            raise RequestError(422, f"requested_ids must be in [0, vocab_limit={vocab_limit})")
+    requested = None
+    if "requested_ids" in arrays:
+        positions = sum(length - start for length, start in zip(lengths, starts))
+        requested = _ids(
+            arrays,
+            "requested_ids",
+            (positions, k),
+            " (response positions x k)",
+            vocab_limit,
+            f"vocab_limit={vocab_limit}",
+        )
     return ScoreJob(sequences, starts, k, float(temperature), vocab_limit, requested)
 
 
 class Scorer:
     """A causal LM and its tokenizer; scores batches of ScoreJobs exactly (see module doc)."""
 
-    def __init__(self, model, tokenizer, model_path: str = "", max_k: int = ops.MAX_K):
+    def __init__(self, model, tokenizer, model_path: str = "", max_k: int = MAX_K):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.max_k = max_k
         self.gather_bytes = 1 << 25  # above: score per-sequence views instead of a gathered copy
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = output_rows(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        from opd_fast.models import tokenizer_fingerprint
-
         self.fingerprint = tokenizer_fingerprint(tokenizer)
 
     @classmethod
@@ -235,26 +239,10 @@ class Scorer:
         cls, path: str, device: str = "auto", dtype: str = "auto", attention: str = "auto"
     ) -> Scorer:
         """Load a local Hugging Face model directory ("toy": the toy default's teacher)."""
-        from opd_fast.models import (
-            load_model,
-            load_tokenizer,
-            resolve_attention,
-            resolve_device,
-            resolve_dtype,
-        )
+        from opd_fast.toy import resolve_toy
 
-        if path == "toy":
-            from opd_fast.toy import toy_assets
-
-            path = toy_assets(progress=False).teacher_dir
-        resolved_device = resolve_device(device)
-        model = load_model(
-            path,
-            resolved_device,
-            resolve_dtype(dtype, resolved_device),
-            resolve_attention(attention, resolved_device),
-            False,
-        )
+        path = resolve_toy({"teacher": path}, progress=False)["teacher"]
+        model = load_model(path, Placement.resolve(device, dtype, attention), False)
         return cls(model, load_tokenizer(path), path)
 
     def info(self) -> dict:

@@ -8,9 +8,14 @@ post-trained from it) and cached.
     assets.teacher("teacher_other_pattern")         # built lazily, then cached
     assets.train_prompts, assets.eval_prompts       # JSONL {"prompt", "answer", ...}
     assets.world                                    # world.json + each built model's metrics
+
+The value "toy" (TOY) of a model or data key selects these files (`resolve_toy`). `tiny` makes
+tiny random Hugging Face models and prompt files for tests and smoke runs.
+
+Imports: opd_fast.models only.
 """
 
-from opd_fast.toy.assets import ToyAssets, default_cache_root, toy_assets
+from opd_fast.toy.assets import TOY, ToyAssets, default_cache_root, resolve_toy, toy_assets
 from opd_fast.toy.spec import (
     MODEL_NAMES,
     TEACHER_NAMES,
@@ -20,6 +25,7 @@ from opd_fast.toy.spec import (
 )
 
 __all__ = [
+    "TOY",
     "MODEL_NAMES",
     "TEACHER_NAMES",
     "ArchSpec",
@@ -27,5 +33,6 @@ __all__ = [
     "ToyWorldSpec",
     "TrainSpec",
     "default_cache_root",
+    "resolve_toy",
     "toy_assets",
 ]

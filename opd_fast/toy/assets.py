@@ -167,6 +167,28 @@ def _build_base(spec: ToyWorldSpec, tmp: str) -> None:
     _write_json(os.path.join(tmp, "world.json"), world)
 
 
+TOY = "toy"  # a model or data value that selects the embedded toy default
+
+# What TOY stands for, per config key.
+_TOY_PATHS = {
+    "student": lambda assets: assets.student_dir,
+    "teacher": lambda assets: assets.teacher_dir,
+    "train_data": lambda assets: assets.train_prompts,
+    "eval_data": lambda assets: assets.eval_prompts,
+}
+
+
+def resolve_toy(values: dict[str, str | None], progress: bool = True) -> dict[str, str | None]:
+    """`values` (student / teacher / train_data / eval_data -> path) with every TOY replaced by
+    the embedded default's path; the toy world is built (or loaded) only when one is asked for."""
+    if TOY not in values.values():
+        return dict(values)
+    assets = toy_assets(progress=progress)
+    return {
+        key: _TOY_PATHS[key](assets) if value == TOY else value for key, value in values.items()
+    }
+
+
 def toy_assets(
     spec: ToyWorldSpec | None = None,
     cache_dir: str | None = None,
@@ -188,4 +210,4 @@ def toy_assets(
     return assets
 
 
-__all__ = ["ToyAssets", "default_cache_root", "toy_assets"]
+__all__ = ["TOY", "ToyAssets", "default_cache_root", "resolve_toy", "toy_assets"]

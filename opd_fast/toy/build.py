@@ -7,9 +7,7 @@ import json
 import os
 import time
 
-import torch
-
-from opd_fast.models import load_model
+from opd_fast.models.loading import CPU_FP32, load_model
 from opd_fast.toy import data, models
 from opd_fast.toy.spec import ToyWorldSpec
 from opd_fast.toy.tokenizer import build_tokenizer
@@ -57,7 +55,7 @@ def build_model(spec: ToyWorldSpec, root: str, name: str, out_dir: str, progress
         # Post-training starts from the saved weights of the model the recipe names (float32,
         # CPU, the attention implementation new_model gets by default).
         base_dir = os.path.join(root, recipe.init_from)
-        model = load_model(base_dir, torch.device("cpu"), torch.float32, "sdpa", trainable=True)
+        model = load_model(base_dir, CPU_FP32, trainable=True)
     final_loss = models.train_model(
         model, ids, labels, recipe.train, seed, progress=progress, description=f"toy {name}"
     )

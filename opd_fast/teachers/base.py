@@ -1,0 +1,138 @@
+"""The one teacher interface: what every teacher (in-process model, opd-fast teacher server,
+OpenAI-compatible engine, and those to come) tells and answers.
+
+A teacher says what it returns (`returns`: full logits, or a payload of top-k log-probs, see
+opd_fast.op.payload), its vocabulary (`vocab_size`, its output rows), the variants whose loss
+it can score exactly (`variants`), and whether a model to sample from is in this process
+(`local_model`, for evaluating its accuracy and for the cold start). It scores a batch with one
+call, `score(request)`. Callers never ask which kind of teacher they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from opd_fast.op.kernels import row_topk
+from opd_fast.op.names import NEEDS_TEACHER_LOGITS, VARIANTS
+from opd_fast.op.payload import TeacherPayload
+from opd_fast.teachers.payload_batch import PayloadBatch
+
+LOGITS = "logits"
+PAYLOAD = "payload"
+
+# What a payload can score exactly (docs/math.md, Teacher payload).
+PAYLOAD_VARIANTS = tuple(v for v in VARIANTS if v not in NEEDS_TEACHER_LOGITS)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One batch of rollouts to score, as the loss will see it.
+
+    input_ids, attention_mask, position_ids: (B, L) prompt + response, right-padded.
+    response_mask: (B, L-1), True at positions t whose next token t + 1 is a response token:
+      the rows the loss reads (other positions may hold any finite filler).
+    student_logits: (B, L-1, vocab), detached: the student's logits at those positions; a
+      payload teacher is asked about the student's top-k ids there.
+    k, temperature: the loss's. vocab: the columns both models share (score ids < vocab).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    student_logits: torch.Tensor
+    k: int
+    temperature: float
+    vocab: int
+
+    @torch.no_grad()
+    def student_topk_ids(self) -> torch.Tensor:
+        """(B, L-1, k) int64: the student's top-k ids (ties -> lower id) at every position."""
+        batch, length, vocab = self.student_logits.shape
+        rows = self.student_logits.reshape(-1, vocab)
+        return row_topk(rows, self.k, self.temperature).ids.reshape(batch, length, self.k)
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    returns: str  # LOGITS or PAYLOAD
+    vocab_size: int  # output rows
+    variants: tuple[str, ...]  # the variants whose loss it scores exactly
+    local_model: torch.nn.Module | None  # the model, when in this process (to sample from)
+
+    def score(self, request: ScoreRequest) -> torch.Tensor | TeacherPayload:
+        """LOGITS: (B, L-1, vocab) logits in student_logits' dtype. PAYLOAD: a TeacherPayload
+        shaped (B, L-1, ...) for the student's top-k ids."""
+
+
+class PayloadScoring:
+    """Base of the teachers that answer with payloads: `score` asks about the student's top-k.
+
+    A subclass checks a request (`check_request`) and answers the spans of a PayloadBatch
+    (`answer`); `answer_dtype` and `unknown` say how the answer arrays start out.
+    """
+
+    returns = PAYLOAD
+    local_model = None
+    answer_dtype = np.float32
+    unknown = 0.0  # what an unanswered log-prob or entropy reads (NaN: cannot tell)
+
+    def score(self, request: ScoreRequest) -> TeacherPayload:
+        return self.payload(
+            request.input_ids,
+            request.attention_mask,
+            request.response_mask,
+            request.student_topk_ids(),
+            request.k,
+            request.temperature,
+            request.vocab,
+        )
+
+    def payload(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        requested_ids: torch.Tensor,
+        k: int,
+        temperature: float,
+        vocab_limit: int,
+    ) -> TeacherPayload:
+        """Score sequences (B, L): for every position t < L - 1 where response_mask (B, L-1) is
+        True, the teacher's next-token distribution over ids < vocab_limit at `temperature`,
+        as a TeacherPayload shaped (B, L-1, ...); requested_ids (B, L-1, k) are the ids asked
+        about, the sampled tokens input_ids[:, 1:]. Other positions hold finite filler."""
+        self.check_request(k, temperature, vocab_limit)
+        batch = PayloadBatch(
+            input_ids,
+            attention_mask,
+            response_mask,
+            requested_ids,
+            k,
+            dtype=self.answer_dtype,
+            unknown=self.unknown,
+        )
+        self.answer(batch, k, temperature, vocab_limit)
+        return batch.payload()
+
+    def check_request(self, k: int, temperature: float, vocab_limit: int) -> None:
+        """Raise ValueError naming what this teacher cannot score."""
+
+    def answer(self, batch: PayloadBatch, k: int, temperature: float, vocab_limit: int) -> None:
+        """Fill `batch` (batch.fill) at every position of batch.spans."""
+        raise NotImplementedError
+
+
+def check_variant(teacher: Teacher, variant: str) -> None:
+    """Raise ValueError naming the problem unless `teacher` scores `variant` exactly."""
+    if variant in teacher.variants:
+        return
+    need = "full logits" if variant in NEEDS_TEACHER_LOGITS else "log-probs it cannot return"
+    raise ValueError(
+        f"variant {variant!r} needs the teacher's {need}; {type(teacher).__name__} scores "
+        f"{', '.join(teacher.variants)} exactly"
+    )

@@ -1,0 +1,90 @@
+"""The one place that knows the kinds of teacher: a TeacherSpec (from the config) in, a
+Teacher (opd_fast.teachers.base) out, its tokenizer and variant checked before training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd_fast.models.loading import Placement, load_model, load_tokenizer
+from opd_fast.models.vocabulary import check_tokenizers_match
+from opd_fast.teachers.base import Teacher, check_variant
+
+# How a teacher behind `url` answers.
+OPD_FAST_API = "opd-fast"  # `opd-fast serve-teacher`: exact payloads for every variant but one
+OPENAI_API = "openai"  # an OpenAI-compatible engine's prompt log-probs (e.g. vLLM)
+APIS = (OPD_FAST_API, OPENAI_API)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Which teacher scores the rollouts: a model directory loaded into this process (`path`),
+    or a server at `url` speaking `api`.
+
+    token: the server's bearer token (api key). model: the name an OpenAI-compatible engine
+    serves the teacher under. batch_size: sequences per forward of an in-process teacher.
+    """
+
+    path: str | None = None
+    url: str | None = None
+    token: str | None = None
+    api: str = OPD_FAST_API
+    model: str | None = None
+    batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, config) -> TeacherSpec:
+        """From a TrainConfig's teacher keys (teacher_url wins over the teacher path)."""
+        return cls(
+            path=None if config.teacher_url else config.teacher,
+            url=config.teacher_url,
+            token=config.teacher_token,
+            api=config.teacher_api,
+            model=config.teacher_model,
+            batch_size=config.teacher_batch_size,
+        )
+
+
+def build_teacher(
+    spec: TeacherSpec,
+    *,
+    placement: Placement,
+    tokenizer,
+    student_rows: int,
+    variant: str | None = None,
+) -> Teacher:
+    """The teacher `spec` names, checked: it uses the student's tokenizer and, when `variant`
+    is given, scores that variant exactly. student_rows: the student's output rows, taken as
+    an OpenAI-compatible engine's (it does not report its own)."""
+    if spec.url is None:
+        from opd_fast.teachers.local import LocalTeacher
+
+        if spec.path is None:
+            raise ValueError(
+                "a teacher needs a model directory (teacher) or a server (teacher_url)"
+            )
+        check_tokenizers_match(tokenizer, load_tokenizer(spec.path))
+        teacher = LocalTeacher(load_model(spec.path, placement, False), spec.batch_size)
+    elif spec.api == OPD_FAST_API:
+        from opd_fast.teachers.remote import RemoteTeacher
+
+        teacher = RemoteTeacher(spec.url, token=spec.token)
+        teacher.check_tokenizer(tokenizer)
+    elif spec.api == OPENAI_API:
+        from opd_fast.teachers.openai import OpenAITeacher
+
+        if not spec.model:
+            raise ValueError("an OpenAI-compatible teacher needs the served model's name")
+        teacher = OpenAITeacher(
+            spec.url,
+            spec.model,
+            variant=variant or "teacher_topk",
+            vocab_size=student_rows,
+            api_key=spec.token,
+        )
+        teacher.check_tokenizer(tokenizer)
+    else:
+        raise ValueError(f"unknown teacher api {spec.api!r}; expected one of {APIS}")
+    if variant is not None:
+        check_variant(teacher, variant)
+    return teacher

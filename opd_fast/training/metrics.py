@@ -1,0 +1,169 @@
+"""Step metrics: token-weighted aggregation over micro-batches, metrics.jsonl, summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+from opd_fast.op.names import TOKEN_METRIC_NAMES
+
+
+class StepMetrics:
+    """Averages the per-micro-batch metric means of opd_loss, weighted by their token counts
+    (overlap_token_advantage by the tokens where it is defined)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.tokens = 0.0
+        self.advantage_tokens = 0.0
+        self.empty_overlap_rows = 0.0
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        values = {name: float(value) for name, value in metrics.items()}
+        tokens = values["num_tokens"]
+        empty = values.get("overlap_empty_rows", 0.0)
+        self.tokens += tokens
+        self.empty_overlap_rows += empty
+        self.advantage_tokens += tokens - empty
+        for name in TOKEN_METRIC_NAMES:
+            if name not in values:
+                continue
+            weight = tokens - empty if name == "overlap_token_advantage" else tokens
+            if weight > 0:
+                self.totals[name] = self.totals.get(name, 0.0) + values[name] * weight
+
+    def means(self) -> dict[str, float]:
+        result = {}
+        for name, total in self.totals.items():
+            weight = self.advantage_tokens if name == "overlap_token_advantage" else self.tokens
+            result[name] = total / weight if weight > 0 else float("nan")
+        result["overlap_empty_rows"] = self.empty_overlap_rows
+        result["response_tokens"] = self.tokens
+        return result
+
+
+class PositionProfile:
+    """Per-token metrics averaged in `chunks` fixed slices of response positions (slice i holds
+    offsets [i * span / chunks, (i + 1) * span / chunks) from the response start), so profiles
+    of different steps line up in a heatmap (e.g. entropy spreading from the end backwards)."""
+
+    def __init__(self, span: int, chunks: int = 8):
+        self.span, self.chunks = max(span, 1), chunks
+        self.sums: dict[str, torch.Tensor] = {}
+        # per metric: NaN tokens are left out (overlap_token_advantage on an empty overlap; a
+        # metric the teacher cannot provide, e.g. entropy_teacher from an OpenAI engine)
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, token_metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        mask = mask.detach().cpu()
+        starts = mask.float().argmax(dim=1, keepdim=True)
+        offsets = torch.arange(mask.shape[1]).unsqueeze(0) - starts
+        chunk = (offsets.clamp_min(0) * self.chunks // self.span).clamp_max(self.chunks - 1)
+        chunk = torch.where(mask, chunk, torch.full_like(chunk, self.chunks))  # drop others
+        for name, values in token_metrics.items():
+            values = values.detach().cpu().double()
+            sums = torch.zeros(self.chunks + 1, dtype=torch.float64)
+            counts = torch.zeros(self.chunks + 1, dtype=torch.float64)
+            sums.index_add_(0, chunk.flatten(), values.nan_to_num(0.0).flatten())
+            counts.index_add_(0, chunk.flatten(), (~torch.isnan(values)).double().flatten())
+            self.sums[name] = self.sums.get(name, 0) + sums[: self.chunks]
+            self.counts[name] = self.counts.get(name, 0) + counts[: self.chunks]
+
+    def means(self) -> dict[str, list[float | None]]:
+        return {
+            name: [float(s / c) if c > 0 else None for s, c in zip(sums, self.counts[name])]
+            for name, sums in self.sums.items()
+        }
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per line to <run_dir>/metrics.jsonl."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines of steps after the checkpoint, so the file reads as if the
+        run had never stopped."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+        os.replace(temporary, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({key: _clean(value) for key, value in record.items()}) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+
+def gap_recovery(acc_before: float, acc_after: float, acc_teacher: float) -> float | None:
+    """(acc_after - acc_before) / (acc_teacher - acc_before); None when there is no gap."""
+    gap = acc_teacher - acc_before
+    if gap <= 0:
+        return None
+    return (acc_after - acc_before) / gap
+
+
+def summarise(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """summary.json from the metrics.jsonl records of a run."""
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    before = next((r for r in evals if r["step"] == 0), None)
+    after = evals[-1] if evals else None
+    acc_before = before["student_accuracy"] if before else None
+    acc_after = after["student_accuracy"] if after else None
+    teacher_acc = before.get("teacher_accuracy") if before else None
+    summary = {
+        "steps": train[-1]["step"] if train else 0,
+        "student_acc_before": acc_before,
+        "student_acc_after": acc_after,
+        "teacher_acc": teacher_acc,
+        "gap_recovery": (
+            gap_recovery(acc_before, acc_after, teacher_acc)
+            if None not in (acc_before, acc_after, teacher_acc)
+            else None
+        ),
+        "wall_seconds": wall_seconds,
+    }
+    for name in (
+        "overlap_ratio",
+        "overlap_token_advantage",
+        "entropy_gap",
+        "overlap_mass_student",
+        "overlap_mass_teacher",
+        "student_topk_mass",
+        "loss",
+    ):
+        summary[f"{name}_first"] = train[0].get(name) if train else None
+        summary[f"{name}_last"] = train[-1].get(name) if train else None
+    return summary
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump({key: _clean(value) for key, value in payload.items()}, handle, indent=2)
+    os.replace(temporary, path)
