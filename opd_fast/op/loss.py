@@ -358,6 +358,11 @@ class OPDLoss(torch.nn.Module):
         self.k, self.variant, self.estimator = k, variant, estimator
         self.temperature, self.reduction = temperature, reduction
 
+    def settings(self) -> dict:
+        """The opd_loss keywords this module fixes."""
+        names = ("k", "variant", "estimator", "temperature", "reduction")
+        return {name: getattr(self, name) for name in names}
+
     def forward(
         self,
         student_logits,
@@ -369,18 +374,11 @@ class OPDLoss(torch.nn.Module):
         return opd_loss(
             student_logits,
             teacher_logits,
-            k=self.k,
-            variant=self.variant,
-            estimator=self.estimator,
-            temperature=self.temperature,
             mask=mask,
             sampled_ids=sampled_ids,
-            reduction=self.reduction,
             return_token_metrics=return_token_metrics,
+            **self.settings(),
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, variant={self.variant!r}, estimator={self.estimator!r}, "
-            f"temperature={self.temperature}, reduction={self.reduction!r}"
-        )
+        return ", ".join(f"{name}={value!r}" for name, value in self.settings().items())

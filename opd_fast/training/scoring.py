@@ -29,6 +29,15 @@ class LossSettings:
     temperature: float
     vocab: int
 
+    def op_settings(self) -> dict:
+        """The opd_loss keywords these settings fix."""
+        return {
+            "k": self.k,
+            "variant": self.variant,
+            "estimator": self.estimator,
+            "temperature": self.temperature,
+        }
+
 
 @dataclass
 class ScoredBatch:
@@ -76,13 +85,10 @@ def score_batch(
     output = loss_fn(
         student_rows,
         teacher_rows,
-        k=settings.k,
-        variant=settings.variant,
-        estimator=settings.estimator,
-        temperature=settings.temperature,
         mask=mask,
         sampled_ids=batch.input_ids[:, 1:],
         reduction=reduction,
         return_token_metrics=True,
+        **settings.op_settings(),
     )
     return ScoredBatch(output, mask, teacher_seconds)
