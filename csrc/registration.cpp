@@ -48,7 +48,7 @@ TORCH_LIBRARY(opd_fast, m) {
   m.def(
       "row_topk(Tensor logits, int k, float temperature) -> "
       "(Tensor ids, Tensor log_probs, Tensor lse, Tensor entropy)");
-  // opd_forward with the teacher given as a payload (OPD_SPEC.md section 6) instead of
+  // opd_forward with the teacher given as a payload (docs/math.md, Teacher payload) instead of
   // logits; every variant but full_vocab. Same outputs (teacher_lse is 0).
   m.def(
       "opd_forward_sparse(Tensor student_logits, Tensor student_topk_ids, "

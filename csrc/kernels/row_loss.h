@@ -2,8 +2,8 @@
 //
 // Torch-free and shared by the CPU and CUDA kernels (and later the sparse-teacher form): once
 // a streaming pass has produced both models' log-partition functions, entropies and top-k
-// sets, everything in ../shared/OPD_SPEC.md sections 2-4 needs only the union of the two
-// top-k sets with log p and log q at each of its ids. This file does that O(k) work.
+// sets, everything in docs/math.md (token sets, estimators, metrics) needs only the union of
+// the two top-k sets with log p and log q at each of its ids. This file does that O(k) work.
 //
 // Gradient convention (consumed by the backward kernels), for a row with upstream grad g:
 //     dL/dz_j = (g / tau) * ( p_j * (C + D * (z_j - u_j) / tau) - coef(j) )
@@ -168,7 +168,7 @@ OPD_HOST_DEVICE acc_t log_set_mass(Variant set, const Candidates<acc_t>& cand,
   return max_value + log(sum);
 }
 
-// Fills metrics[kNumMetrics] for one row (spec section 4).
+// Fills metrics[kNumMetrics] for one row (docs/math.md, Metrics).
 template <typename acc_t>
 OPD_HOST_DEVICE void row_metrics(const RowStats<acc_t>& stats, const Candidates<acc_t>& cand,
                                  int k, acc_t* metrics) {
@@ -212,7 +212,7 @@ OPD_HOST_DEVICE void row_metrics(const RowStats<acc_t>& stats, const Candidates<
       stats.has_sampled ? stats.sampled_log_p - stats.sampled_log_q : acc_t(0);
 }
 
-// Loss value, C and the sparse gradient coefficients of one row (spec section 3).
+// Loss value, C and the sparse gradient coefficients of one row (docs/math.md, Estimators).
 // sparse_id / sparse_coef need room for cand.count entries (1 for sampled_token).
 template <typename acc_t>
 OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,

@@ -93,7 +93,7 @@ struct ForwardPlan {
   double temperature;
 };
 
-// The sparse-teacher forward adds the teacher's payload (spec section 6), contiguous.
+// The sparse-teacher forward adds the teacher's payload (docs/math.md, Teacher payload), contiguous.
 struct SparseForwardPlan : ForwardPlan {
   at::Tensor student_topk_ids, teacher_topk_ids, teacher_topk_log_probs,
       teacher_log_probs_at_student, teacher_entropy;

@@ -23,7 +23,7 @@ class ForwardResult(NamedTuple):
     metrics: torch.Tensor  # (N, NUM_METRICS) in TOKEN_METRIC_NAMES order
     student_lse: torch.Tensor  # (N,) log sum exp(z / tau)
     teacher_lse: torch.Tensor  # (N,) log sum exp(u / tau)
-    grad_scale: torch.Tensor  # (N,) C of the gradient convention in row_loss.h
+    grad_scale: torch.Tensor  # (N,) C of the gradient (csrc/kernels/row_loss.h)
     sparse_id: torch.Tensor  # (N, 2k) int64, -1 where unused
     sparse_coef: torch.Tensor  # (N, 2k)
 
@@ -116,7 +116,7 @@ if extension_available():
     def _opd_forward_fake(
         student_logits, teacher_logits, sampled_ids, row_valid, k, variant, estimator, temperature
     ):
-        # The checks of plan_forward (op_checks.h) that decide the output shapes and devices:
+        # The checks of plan_forward (csrc/launchers/checks.h) that decide the output shapes and devices:
         # a meta tensor mixed with cpu ones dispatches here, which must not return empty
         # (uninitialised) cpu tensors for inputs that the real kernel refuses.
         torch._check(student_logits.dim() == 2, lambda: "opd_fast: student_logits must be (N, V)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# The loss's token set A; the order is the kernels' Variant enum.
+# The loss's token set A; the order is the kernels' Variant enum (csrc/kernels/names.h).
 VARIANTS = (
     "student_topk",
     "teacher_topk",
@@ -46,7 +46,8 @@ REDUCTIONS = ("token_mean", "seq_mean_token_sum", "sum", "none")
 
 LOGITS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Largest k the kernels accept (kMaxK): their candidate union holds at most 2 * MAX_K ids.
+# Largest k the kernels accept (kMaxK, csrc/kernels/names.h): their candidate union holds at
+# most 2 * MAX_K ids.
 MAX_K = 128
 
 

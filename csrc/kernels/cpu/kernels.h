@@ -51,7 +51,7 @@ struct ForwardArgs : ForwardRowArgs {
   int64_t teacher_row_stride;
 };
 
-// The teacher as a payload (spec section 6); arrays of the accumulation type.
+// The teacher as a payload (docs/math.md, Teacher payload); arrays of the accumulation type.
 struct SparseForwardArgs : ForwardRowArgs {
   const int64_t* student_topk_ids;           // (N, k): the ids the teacher was asked about
   const int64_t* teacher_topk_ids;           // (N, k)

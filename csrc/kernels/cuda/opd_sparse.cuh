@@ -42,7 +42,7 @@ struct TopkParams : RowKernelParams<scalar_t> {
   acc_t* entropy;          // (rows,)
 };
 
-// The teacher as a payload (spec section 6), in the accumulation type.
+// The teacher as a payload (docs/math.md, Teacher payload), in the accumulation type.
 template <typename scalar_t>
 struct SparseForwardParams : ForwardRowParams<scalar_t> {
   using acc_t = typename Element<scalar_t>::acc_t;
