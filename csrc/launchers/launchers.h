@@ -25,4 +25,18 @@ struct Launchers {
   static ForwardResult opd_forward_sparse(const SparseForwardPlan& plan);
 };
 
+// Each backend defines its launchers as explicit specialisations (cpu.cpp, cuda.cu); the
+// language asks for them to be declared before registration.cpp uses them.
+// clang-format off
+template <> ForwardResult Launchers<Backend::kCpu>::opd_forward(const ForwardPlan&);
+template <> at::Tensor Launchers<Backend::kCpu>::opd_backward(const BackwardPlan&);
+template <> RowTopkResult Launchers<Backend::kCpu>::row_topk(const RowTopkPlan&);
+template <> ForwardResult Launchers<Backend::kCpu>::opd_forward_sparse(const SparseForwardPlan&);
+
+template <> ForwardResult Launchers<Backend::kCuda>::opd_forward(const ForwardPlan&);
+template <> at::Tensor Launchers<Backend::kCuda>::opd_backward(const BackwardPlan&);
+template <> RowTopkResult Launchers<Backend::kCuda>::row_topk(const RowTopkPlan&);
+template <> ForwardResult Launchers<Backend::kCuda>::opd_forward_sparse(const SparseForwardPlan&);
+// clang-format on
+
 }  // namespace opd_fast
