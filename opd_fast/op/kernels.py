@@ -116,9 +116,9 @@ if extension_available():
     def _opd_forward_fake(
         student_logits, teacher_logits, sampled_ids, row_valid, k, variant, estimator, temperature
     ):
-        # The checks of plan_forward (csrc/launchers/checks.h) that decide the output shapes and devices:
-        # a meta tensor mixed with cpu ones dispatches here, which must not return empty
-        # (uninitialised) cpu tensors for inputs that the real kernel refuses.
+        # The checks of plan_forward (csrc/launchers/checks.h) that decide the output shapes
+        # and devices: a meta tensor mixed with cpu ones dispatches here, which must not return
+        # empty (uninitialised) cpu tensors for inputs that the real kernel refuses.
         torch._check(student_logits.dim() == 2, lambda: "opd_fast: student_logits must be (N, V)")
         torch._check(
             teacher_logits.shape == student_logits.shape,
