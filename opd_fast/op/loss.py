@@ -165,7 +165,7 @@ def _check_values(valid, sampled_ids, vocab, result: kernels.ForwardResult, payl
                 )
         rows = valid.shape[0]
         # NaN marks what a teacher cannot tell (an OpenAI-compatible engine: its entropy, its
-        # log-probs at student ids outside its own top-k); those only make the entropy
+        # log-probs at student ids it returned none for); those only make the entropy
         # metrics NaN, or the loss of a variant that needs them (checked below). A NaN at an
         # id of the teacher's own top-k, or in its top-k / sampled log-probs, is corruption.
         requested_ids = payload.requested_ids.reshape(rows, -1)

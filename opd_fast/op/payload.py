@@ -26,8 +26,9 @@ class TeacherPayload:
     sampled_log_probs: teacher log-prob of the realised token, (...), or None
 
     A teacher that cannot compute everything (opd_fast.teachers.openai) puts NaN in
-    entropy and in requested_log_probs at ids outside its top-k: the entropy metrics are then
-    NaN, and opd_loss refuses a variant whose loss needs the missing log-probs.
+    entropy and in requested_log_probs at the ids it returned no log-prob for (outside the
+    engine's top-N and the realised token): the entropy metrics are then NaN, and opd_loss
+    refuses a variant whose loss needs the missing log-probs.
     """
 
     topk_ids: torch.Tensor
