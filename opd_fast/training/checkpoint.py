@@ -1,15 +1,26 @@
-"""Checkpoints: student weights (safetensors) plus everything needed to resume exactly.
+"""Checkpoints: student weights (safetensors) plus everything needed to resume exactly,
+verified before they are trusted.
 
-Layout: <run_dir>/checkpoints/step_000050/{model/, trainer_state.pt} and a `latest` file
-naming the newest. Every write goes to a temporary name first and is renamed into place, so
-a crash or Ctrl-C mid-write never leaves a half checkpoint where `latest` points.
+Layout: <run_dir>/checkpoints/step_000050/{model/, trainer_state.pt, manifest.json}. A
+checkpoint is written under a temporary name, its manifest (the size and sha256 of every
+file) last, then renamed into place; re-saving a step moves the old copy aside before the new
+one takes its name and deletes it only then, so no kill ever leaves a step without a copy.
+
+Resuming never trusts one pointer: it scans every step folder (and the temporary copies a kill
+left behind), takes the newest whose files match its manifest, and says which damaged ones
+it passed over. `latest` names the newest checkpoint for people; nothing reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+import signal
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +28,33 @@ import numpy as np
 import torch
 
 KEEP_LAST = 3
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+# Tests set this to "stage" or "stage:n" (the n-th save, from 1) to kill the process with
+# SIGKILL at that point of save_checkpoint: what a power cut or the OOM killer does.
+FAULT_ENV = "OPD_FAST_CHECKPOINT_FAULT"
+SAVE_STAGES = ("weights", "state", "manifest", "aside", "renamed", "latest", "pruned")
+_saves = 0
+
+_NAME = re.compile(r"^\.?step_(\d+)(\.(tmp|old)-\d+)?$")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was expected; the message names what is wrong."""
 
 
 def _checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
+
+
+def _fault(stage: str) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    name, _, count = wanted.partition(":")
+    if name == stage and (not count or int(count) == _saves):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -30,6 +64,63 @@ def _write_text_atomic(path: str, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """Every file under `folder` but the manifest, as sorted relative paths."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.relpath(os.path.join(parent, name), folder)
+            if path != MANIFEST:
+                found.append(path)
+    return sorted(found)
+
+
+def write_manifest(folder: str, step: int) -> None:
+    """Record the size and sha256 of every file of `folder` (written last, atomically)."""
+    files = {
+        path: {"bytes": os.path.getsize(os.path.join(folder, path)), "sha256": None}
+        for path in _files(folder)
+    }
+    for path, entry in files.items():
+        entry["sha256"] = _sha256(os.path.join(folder, path))
+    manifest = {"format": FORMAT, "step": step, "files": files}
+    _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+
+
+def verify(folder: str) -> str | None:
+    """None when `folder` is an intact checkpoint, else what is wrong with it (naming the
+    file). A checkpoint written before manifests existed passes if its files are there."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(manifest_path):
+        for needed in ("trainer_state.pt", os.path.join("model", "config.json")):
+            if not os.path.exists(os.path.join(folder, needed)):
+                return f"{needed} is missing (and there is no {MANIFEST})"
+        return None
+    try:
+        with open(manifest_path) as handle:
+            files = json.load(handle)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({error})"
+    for path, entry in files.items():
+        full = os.path.join(folder, path)
+        if not os.path.isfile(full):
+            return f"{path} is missing"
+        size = os.path.getsize(full)
+        if size != entry["bytes"]:
+            return f"{path} has {size} bytes, its manifest says {entry['bytes']}"
+        if _sha256(full) != entry["sha256"]:
+            return f"{path} does not match its checksum (damaged)"
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,7 +150,10 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir, step, model, tokenizer, trainer_state: dict[str, Any]) -> str:
-    """Write checkpoint `step` atomically and point `latest` at it; returns its directory."""
+    """Write checkpoint `step` (verified, atomically) and name it in `latest`; returns its
+    directory."""
+    global _saves
+    _saves += 1
     root = _checkpoint_root(run_dir)
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:06d}"
@@ -68,12 +162,24 @@ def save_checkpoint(run_dir, step, model, tokenizer, trainer_state: dict[str, An
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(temporary, "model"))
+    _fault("weights")
     torch.save({"step": step, **trainer_state}, os.path.join(temporary, "trainer_state.pt"))
-    if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a save)
-        shutil.rmtree(final)
+    _fault("state")
+    write_manifest(temporary, step)
+    _fault("manifest")
+    aside = None
+    if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in
+        aside = os.path.join(root, f".{name}.old-{os.getpid()}")
+        os.replace(final, aside)
+        _fault("aside")
     os.replace(temporary, final)
+    _fault("renamed")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     _write_text_atomic(os.path.join(root, "latest"), name + "\n")
+    _fault("latest")
     _prune(root, keep=KEEP_LAST)
+    _fault("pruned")
     return final
 
 
@@ -83,17 +189,78 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    pointer = os.path.join(_checkpoint_root(run_dir), "latest")
-    if not os.path.exists(pointer):
+def _candidates(root: str) -> list[tuple[int, bool, str]]:
+    """(step, is a step_N folder, path) of every checkpoint folder, a kill's leftovers too."""
+    found = []
+    for name in os.listdir(root):
+        match = _NAME.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), match.group(2) is None, os.path.join(root, name)))
+    return sorted(found, reverse=True)
+
+
+def find_checkpoint(run_dir: str) -> str | None:
+    """The newest intact checkpoint of the run, or None when the run has none at all.
+
+    Damaged ones are passed over with a warning naming the file; a complete copy that a kill
+    left under a temporary name is moved into place first. Leftovers are cleaned up. Raises
+    CheckpointError when checkpoints exist but none is intact.
+    """
+    root = _checkpoint_root(run_dir)
+    if not os.path.isdir(root):
         return None
-    with open(pointer) as handle:
-        path = os.path.join(_checkpoint_root(run_dir), handle.read().strip())
-    return path if os.path.isdir(path) else None
+    candidates = _candidates(root)
+    chosen, damaged = None, []
+    for step, in_place, path in candidates:
+        if not in_place and not os.path.exists(os.path.join(path, MANIFEST)):
+            problem = "an unfinished copy (no manifest)"
+        else:
+            problem = verify(path)
+        if problem is not None:
+            damaged.append(f"{os.path.basename(path)}: {problem}")
+            continue
+        chosen = path
+        if not in_place:  # a kill's complete copy: the step's only intact one
+            final = os.path.join(root, f"step_{step:06d}")
+            if os.path.exists(final):
+                os.replace(final, os.path.join(root, f".step_{step:06d}.old-{os.getpid()}"))
+            os.replace(path, final)
+            chosen = final
+        break
+    if damaged and chosen is not None:
+        warnings.warn(
+            f"checkpoints passed over as damaged: {'; '.join(damaged)}; resuming from "
+            f"{os.path.basename(chosen)}",
+            stacklevel=2,
+        )
+    if chosen is None and candidates:
+        raise CheckpointError(
+            f"{root} holds no intact checkpoint ({'; '.join(damaged)}); nothing to resume from. "
+            "Run without --resume to start over (the run folder's history is then replaced)."
+        )
+    for _, in_place, path in _candidates(root):
+        if not in_place:
+            shutil.rmtree(path, ignore_errors=True)
+    return chosen
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest intact checkpoint (for messages: no repair, no warnings), or None."""
+    root = _checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return None
+    for _, in_place, path in _candidates(root):
+        if in_place and verify(path) is None:
+            return path
+    return None
 
 
 def load_checkpoint(path: str) -> Checkpoint:
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    state_path = os.path.join(path, "trainer_state.pt")
+    try:
+        state = torch.load(state_path, weights_only=False)
+    except Exception as error:  # torch raises many kinds on a damaged file
+        raise CheckpointError(f"cannot read {state_path}: {error}") from None
     return Checkpoint(
         step=int(state["step"]), model_dir=os.path.join(path, "model"), trainer_state=state
     )
@@ -106,12 +273,16 @@ def load_weights(model: torch.nn.Module, model_dir: str) -> None:
     state = {}
     for name in sorted(os.listdir(model_dir)):
         if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(model_dir, name)))
+            path = os.path.join(model_dir, name)
+            try:
+                state.update(load_file(path))
+            except Exception as error:  # safetensors raises its own kinds on a damaged file
+                raise CheckpointError(f"cannot read {path}: {error}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied output embeddings are saved once; anything else missing is a real problem.
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {model_dir} does not match the model: missing {missing}, "
             f"unexpected {unexpected}"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -96,13 +97,40 @@ class MetricsLog:
     def __init__(self, path: str):
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint, so the file reads as if the
-        run had never stopped."""
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) of every line. A torn last line (a kill mid-write) is dropped with a
+        warning; any other unreadable line is an error naming the file and the line."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as handle:
+            lines = handle.readlines()
+        parsed = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number == len(lines) and not line.endswith("\n"):
+                    warnings.warn(
+                        f"{self.path}: line {number} was cut off mid-write; dropped", stacklevel=3
+                    )
+                    continue
+                raise ValueError(f"{self.path}:{number}: not valid JSON ({error})") from None
+            parsed.append((line if line.endswith("\n") else line + "\n", record))
+        return parsed
+
+    def truncate(self, records: int | None, step: int) -> None:
+        """On resume: keep the first `records` records, those written before the checkpoint
+        (None, for a checkpoint that did not count them: those of steps up to `step`), and drop
+        a torn last line, so the file reads as if the run had never stopped."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as handle:
-            kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+        lines = self._lines()
+        if records is None:
+            kept = [line for line, record in lines if record["step"] <= step]
+        else:
+            kept = [line for line, _ in lines[:records]]
         temporary = self.path + ".tmp"
         with open(temporary, "w") as handle:
             handle.writelines(kept)
@@ -113,10 +141,7 @@ class MetricsLog:
             handle.write(json.dumps({key: _clean(value) for key, value in record.items()}) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return [record for _, record in self._lines()]
 
 
 def gap_recovery(acc_before: float, acc_after: float, acc_teacher: float) -> float | None:

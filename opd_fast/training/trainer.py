@@ -299,8 +299,11 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------
 
-    def save(self) -> str:
+    def save(self, final: bool = False) -> str:
+        """A checkpoint of this step; `final`: the run's end (its last evaluation is done)."""
         state = {
+            "metrics_records": len(self.log.read()),
+            "final": final,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -313,9 +316,18 @@ class Trainer:
         )
 
     def restore(self) -> bool:
-        """Resume from the run folder's latest checkpoint; False if there is none."""
-        path = ckpt.latest_checkpoint(self.config.run_dir)
+        """Resume from the run folder's newest intact checkpoint; False when the folder has
+        no history. A folder with history but no usable checkpoint is an error (CheckpointError
+        naming what is wrong), never a silent start from step 0."""
+        path = ckpt.find_checkpoint(self.config.run_dir)
         if path is None:
+            steps = [r["step"] for r in self.log.read() if r.get("kind") == "train"]
+            if steps:
+                raise ckpt.CheckpointError(
+                    f"{self.config.run_dir} holds {len(steps)} trained steps in metrics.jsonl "
+                    "but no checkpoint to resume from; run without --resume to start over "
+                    "(the run folder's history is then replaced)"
+                )
             return False
         checkpoint = ckpt.load_checkpoint(path)
         ckpt.load_weights(self.student, checkpoint.model_dir)
@@ -326,7 +338,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step = checkpoint.step
         self.wall_before = float(state.get("wall_seconds", 0.0))
-        self.log.truncate_after(self.step)
+        self.log.truncate(state.get("metrics_records"), self.step)
+        self.finished = bool(state.get("final", False))
         return True
 
     # ---- the run ----------------------------------------------------------------------
@@ -340,6 +353,7 @@ class Trainer:
         """
         config = self.config
         self.session_started = time.perf_counter()
+        self.finished = False
         resumed = self.restore() if resume else False
         if not resumed:
             if os.path.exists(self.log.path):
@@ -385,8 +399,10 @@ class Trainer:
             finally:
                 if progress is not None:
                     progress.close()
-        self.evaluate()
-        self.save()
+        # Resumed from the end's own checkpoint, nothing trained since: evaluated and saved.
+        if session_steps or not self.finished:
+            self.evaluate()
+            self.save(final=True)
         wall = self.wall_before + (time.perf_counter() - self.session_started)
         records = self.log.read()
         summary = summarise(records, wall)
