@@ -813,3 +813,85 @@ def test_teacher_payload_nan_marks_are_checked():
     )
     with pytest.raises(opd_fast.NonFiniteLogitsError, match="teacher payload: NaN"):
         opd_fast.opd_loss(student, broken, k=4, variant="teacher_topk")
+
+
+# ---- hostile requests, an empty token, bursts (issue 13: the server answers every request) -----
+
+
+def _frame(header_text: str, blobs: bytes = b"") -> bytes:
+    """A frame with this literal JSON header (padded and prefixed as the format says)."""
+    text = header_text.encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return b"OPDW" + len(text).to_bytes(4, "little") + text + blobs
+
+
+def _header_only_frame(header: dict) -> bytes:
+    return _frame(json.dumps({"version": protocol.VERSION, **header}))
+
+
+@pytest.mark.parametrize("shape", [[2**70], [2**32, 2**32], [2**31, 2**31, 4]])
+def test_huge_array_shapes_are_a_400_not_a_dropped_connection(make_server, shape):
+    server = make_server()
+    body = _header_only_frame(
+        {
+            "k": 2,
+            "temperature": 1.0,
+            "vocab_limit": None,
+            "lengths": [3],
+            "response_starts": [1],
+            "arrays": [["token_ids", "int32", shape]],
+        }
+    )
+    with pytest.raises(protocol.ProtocolError, match="more than"):
+        protocol.decode_frame(body)
+    headers = {"Content-Type": protocol.CONTENT_TYPE}
+    status, _, data = _raw(server.url, "POST", "/v1/score", body, headers)
+    assert status == 400 and "more than" in json.loads(data)["error"]
+    assert _raw(server.url, "POST", "/v1/score", _valid_body(), headers)[0] == 200
+
+
+@pytest.mark.parametrize("temperature", ["1e400", "1" + "0" * 400, "-0.5"])
+def test_unrepresentable_temperatures_are_a_422(make_server, temperature):
+    server = make_server()
+    valid = _valid_body()
+    length = int.from_bytes(valid[4:8], "little")
+    header = valid[8 : 8 + length].decode().strip()
+    body = _frame(
+        header.replace('"temperature": 1.0', f'"temperature": {temperature}'), valid[8 + length :]
+    )
+    headers = {"Content-Type": protocol.CONTENT_TYPE}
+    status, _, data = _raw(server.url, "POST", "/v1/score", body, headers)
+    assert status == 422 and "temperature must be positive and finite" in json.loads(data)["error"]
+
+
+def test_an_empty_token_is_refused_not_served_without_auth(capsys, monkeypatch):
+    from opd_fast.cli import main
+
+    assert main(["serve-teacher", "--model", "/nonexistent", "--token", ""]) == 2
+    assert "the token is empty" in capsys.readouterr().err
+    monkeypatch.setenv("OPD_TEACHER_TOKEN", "")
+    from opd_fast.cli import build_parser
+
+    args = build_parser().parse_args(["serve-teacher", "--model", "/nonexistent"])
+    with pytest.raises(ValueError, match="the token is empty"):
+        args.handler(args)
+
+
+def test_a_burst_of_64_simultaneous_connections_is_answered(make_server):
+    server = make_server()
+    assert server.httpd.request_queue_size >= 128
+    barrier = threading.Barrier(64)
+    answers = [None] * 64
+
+    def connect(index):
+        barrier.wait()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as raw:
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answers[index] = raw.recv(64)
+
+    threads = [threading.Thread(target=connect, args=(i,)) for i in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(answer and answer.startswith(b"HTTP/1.1 200") for answer in answers), answers

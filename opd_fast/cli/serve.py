@@ -62,6 +62,11 @@ def serve_teacher(args) -> int:
         max_connections=args.max_connections,
         batch_wait_ms=args.batch_wait_ms,
     )
+    if args.token == "":  # given, or $OPD_TEACHER_TOKEN set, but empty: not "no token"
+        raise ValueError(
+            "the token is empty (--token or $OPD_TEACHER_TOKEN); give a secret, or leave both "
+            "unset to serve without authentication"
+        )
     if args.host not in LOOPBACK and not args.token:
         print(
             f"opd-fast serve-teacher: warning: listening on {args.host} without a token; "
@@ -69,7 +74,7 @@ def serve_teacher(args) -> int:
             file=sys.stderr,
         )
     scorer = Scorer.from_path(args.model, args.device, args.dtype, args.attn_implementation)
-    server = TeacherServer(scorer, args.host, args.port, args.token or None, limits, args.verbose)
+    server = TeacherServer(scorer, args.host, args.port, args.token, limits, args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)
     info = scorer.info()
     print(

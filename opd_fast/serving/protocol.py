@@ -42,6 +42,7 @@ Metadata endpoints and every error answer are JSON (errors: {"error": message, "
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -111,7 +112,7 @@ def decode_frame(body: bytes, max_elements: int = 1 << 31) -> tuple[dict, dict[s
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise ProtocolError(f"array {name!r}: shape {shape!r} is not a list of ints >= 0")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: [2**32, 2**32] must not wrap around
         total_elements += count
         if total_elements > max_elements:
             raise ProtocolError(f"arrays hold more than {max_elements} elements")

@@ -168,8 +168,12 @@ def parse_score_request(
         raise RequestError(
             422, f"k must be in [1, min({max_k}, vocab_limit={vocab_limit})], got {k}"
         )
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise RequestError(422, f"temperature must be positive and finite, got {temperature}")
+    try:  # an int of 400 digits overflows a float
+        finite = math.isfinite(temperature)
+    except OverflowError:
+        finite = False
+    if not (finite and temperature > 0):
+        raise RequestError(422, f"temperature must be positive and finite, got {temperature!s:.24}")
     if not lengths:
         raise RequestError(422, "no sequences")
     if len(lengths) > limits.max_batch_sequences:

@@ -279,6 +279,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # The listen backlog (socketserver's default is 5): a burst of clients connecting at once
+    # must wait in the kernel's queue, not be reset.
+    request_queue_size = 128
 
     def __init__(self, address, scorer, batcher, limits, token, verbose):
         self.scorer, self.batcher, self.limits, self.verbose = scorer, batcher, limits, verbose
