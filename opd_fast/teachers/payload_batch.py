@@ -69,23 +69,18 @@ class PayloadBatch:
         attention = attention_mask.detach().cpu().numpy().astype(bool)
         mask = response_mask.detach().cpu().numpy().astype(bool)
         self.requested = requested_ids.detach().cpu()
-        batch, length = self.ids.shape
-        if mask.shape != (batch, length - 1) or tuple(self.requested.shape) != (
-            batch,
-            length - 1,
-            k,
-        ):
+        positions = (self.ids.shape[0], self.ids.shape[1] - 1)  # (B, L-1)
+        if mask.shape != positions or tuple(self.requested.shape) != positions + (k,):
             raise ValueError(
-                f"payload: expected response_mask {(batch, length - 1)} and requested_ids "
-                f"{(batch, length - 1, k)}, got {mask.shape} and {tuple(self.requested.shape)}"
+                f"payload: expected response_mask {positions} and requested_ids "
+                f"{positions + (k,)}, got {mask.shape} and {tuple(self.requested.shape)}"
             )
         self.spans = scored_spans(attention, mask)
-        shape = (batch, length - 1)
         self.topk_ids = self.requested.numpy().copy()  # filler: valid ids
-        self.topk_log_probs = np.zeros(shape + (k,), dtype)
-        self.requested_log_probs = np.full(shape + (k,), unknown, dtype)
-        self.sampled_log_probs = np.zeros(shape, dtype)
-        self.entropy = np.full(shape, unknown, dtype)
+        self.topk_log_probs = np.zeros(positions + (k,), dtype)
+        self.requested_log_probs = np.full(positions + (k,), unknown, dtype)
+        self.sampled_log_probs = np.zeros(positions, dtype)
+        self.entropy = np.full(positions, unknown, dtype)
 
     def sequence(self, span: ScoredSpan) -> np.ndarray:
         """The tokens of `span` to send."""
