@@ -202,7 +202,7 @@ def test_config_file_and_overrides(tmp_path):
         "overlap_topk",
         False,
     )
-    with pytest.raises(ValueError, match="k expects int"):
+    with pytest.raises(ValueError, match="k must be an integer"):
         load_config(str(path), {"k": "four"})
 
 

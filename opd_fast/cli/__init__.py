@@ -19,21 +19,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opd-fast", description="Fast on-policy distillation of language models."
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_train_commands(commands)
     add_serve_teacher_parser(commands)
     add_paper_commands(commands)
+    for command in commands.choices.values():  # `opd-fast train --debug` works too
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
+
+
+def _exit_code(error: BaseException) -> int | None:
+    """The exit status of an expected failure (a message, no traceback), or None for a bug.
+
+    2: bad input (config, paths, data, arguments). 3: training diverged. 1: the outside world
+    failed (a teacher server that cannot be reached, a checkpoint that cannot be used, the
+    file system)."""
+    from opd_fast.teachers.http import TeacherError
+    from opd_fast.training.trainer import TrainingDiverged
+
+    if isinstance(error, TrainingDiverged):
+        return 3
+    if isinstance(error, ValueError):  # CheckpointError included
+        return 2
+    if isinstance(error, (TeacherError, OSError, ImportError)):  # ImportError: a missing extra
+        return 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as error:  # bad config, paths, data: a message, not a traceback
-        print(f"opd-fast: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("opd-fast: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        code = _exit_code(error)
+        if code is None or args.debug:
+            raise
+        print(f"opd-fast: error: {error}", file=sys.stderr)
+        print("opd-fast: (run with --debug for the traceback)", file=sys.stderr)
+        return code

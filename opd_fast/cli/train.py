@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from opd_fast.training.config import field_names, load_config, parse_overrides
@@ -56,14 +55,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
 
 
 def _train(args) -> int:
-    from opd_fast.training.trainer import TrainingDiverged, train
+    from opd_fast.training.trainer import train
 
     config = load_config(args.config, parse_overrides(args.overrides))
-    try:
-        summary = train(config, resume=args.resume)
-    except TrainingDiverged as error:
-        print(f"opd-fast: {error}", file=sys.stderr)
-        return 3
+    summary = train(config, resume=args.resume)
     print_summary(summary, config.run_dir)
     return 0
 

@@ -13,9 +13,19 @@ import torch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
     return device
 
 
@@ -54,7 +64,12 @@ def load_tokenizer(path: str):
 
     if not os.path.isdir(path):
         raise ValueError(f"model directory not found: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"not a Hugging Face model directory (no config.json): {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:  # no tokenizer files, or ones it cannot read
+        raise ValueError(f"cannot load a tokenizer from {path}: {error}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -23,6 +23,8 @@ class TeacherSpec:
 
     token: the server's bearer token (api key). model: the name an OpenAI-compatible engine
     serves the teacher under. batch_size: sequences per forward of an in-process teacher.
+    wait_s: how long a server that cannot be reached is retried (at start and on every
+    request) before TeacherUnavailableError; long enough to bridge a restart.
     """
 
     path: str | None = None
@@ -31,6 +33,7 @@ class TeacherSpec:
     api: str = OPD_FAST_API
     model: str | None = None
     batch_size: int = 8
+    wait_s: float = 60.0
 
     @classmethod
     def from_config(cls, config) -> TeacherSpec:
@@ -42,7 +45,14 @@ class TeacherSpec:
             api=config.teacher_api,
             model=config.teacher_model,
             batch_size=config.teacher_batch_size,
+            wait_s=config.teacher_wait_s,
         )
+
+
+def _retry(spec: TeacherSpec):
+    from opd_fast.teachers.http import RetryPolicy
+
+    return RetryPolicy(max_elapsed_s=spec.wait_s)
 
 
 def build_teacher(
@@ -68,7 +78,7 @@ def build_teacher(
     elif spec.api == OPD_FAST_API:
         from opd_fast.teachers.remote import RemoteTeacher
 
-        teacher = RemoteTeacher(spec.url, token=spec.token)
+        teacher = RemoteTeacher(spec.url, token=spec.token, retry=_retry(spec))
         teacher.check_tokenizer(tokenizer)
     elif spec.api == OPENAI_API:
         from opd_fast.teachers.openai import OpenAITeacher
@@ -81,6 +91,7 @@ def build_teacher(
             variant=variant or "teacher_topk",
             vocab_size=student_rows,
             api_key=spec.token,
+            retry=_retry(spec),
         )
         teacher.check_tokenizer(tokenizer)
     else:

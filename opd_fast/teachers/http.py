@@ -202,7 +202,8 @@ class HttpTransport:
                 if out_of_attempts or elapsed + delay > policy.max_elapsed_s:
                     raise TeacherUnavailableError(
                         f"teacher server {self.url} unavailable: {method} {path} failed "
-                        f"{attempt} time(s) over {elapsed:.1f} s; last error: {error}"
+                        f"{attempt} time(s) over {elapsed:.1f} s (waiting up to "
+                        f"{policy.max_elapsed_s:g} s); last error: {error}"
                     ) from None
                 if attempt == 1:
                     logger.warning(

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,8 @@ from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
 
-# (keys, the test every one of them must pass, how the error states it)
+# (keys, the test every one of them must pass, how the error states it). Every number is also
+# checked to be finite and of its field's type before these run (see _check_type).
 _BOUNDS = (
     (
         (
@@ -30,6 +34,8 @@ _BOUNDS = (
             "micro_batch_size",
             "teacher_batch_size",
             "eval_samples",
+            "cold_start_batch_size",
+            "cold_start_responses_per_prompt",
         ),
         lambda value: value >= 1,
         ">= 1",
@@ -40,12 +46,34 @@ _BOUNDS = (
         ">= 0",
     ),
     (
-        ("rollout_temperature", "loss_temperature", "eval_temperature", "lr"),
+        (
+            "rollout_temperature",
+            "loss_temperature",
+            "eval_temperature",
+            "lr",
+            "cold_start_lr",
+            "grad_clip",
+            "teacher_wait_s",
+        ),
         lambda value: value > 0,
         "> 0",
     ),
+    (("weight_decay",), lambda value: value >= 0, ">= 0"),
     (("rollout_top_p", "eval_top_p"), lambda value: 0 < value <= 1, "in (0, 1]"),
+    (("adam_beta1", "adam_beta2"), lambda value: 0 <= value < 1, "in [0, 1)"),
+    (("seed",), lambda value: 0 <= value < 2**63, "in [0, 2**63)"),
 )
+
+# Keys whose value is one of a fixed set.
+_CHOICES = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "reduction": ("token_mean", "seq_mean_token_sum"),
+    "lr_schedule": ("constant", "cosine", "linear"),
+}
+
+# auto | cpu | cuda | cuda:N (whether that device exists is checked when models are placed).
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,7 @@ class TrainConfig:
     teacher_token: str | None = None  # bearer token (api key) for the teacher server
     teacher_api: str = OPD_FAST_API  # opd-fast (serve-teacher) | openai (vLLM and others)
     teacher_model: str | None = None  # teacher_api=openai: the served model's name
+    teacher_wait_s: float = 60.0  # how long to wait for an unreachable teacher server
     train_data: str = TOY  # JSONL or Parquet with "prompt" and "answer" columns
     eval_data: str = TOY
     prompt_template: str = "{prompt}"  # or "chat" to use the tokenizer's chat template
@@ -110,12 +139,25 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError naming the first bad value; returns self for chaining."""
+        """Raise ValueError naming the first bad value (its type, range, or the file it
+        names), before anything is loaded; returns self for chaining."""
+        for field in dataclasses.fields(self):
+            _check_type(field.name, str(field.type), getattr(self, field.name))
         for names, holds, bound in _BOUNDS:
             for name in names:
                 value = getattr(self, name)
                 if not holds(value):
                     raise ValueError(f"config: {name} must be {bound}, got {value}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"config: {name} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(
+                f"config: device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
         check_k(self.k, where="config: ")
         check_variant_estimator(self.variant, self.estimator, where="config: ")
         if self.teacher_api not in APIS:
@@ -124,25 +166,17 @@ class TrainConfig:
             raise ValueError(
                 f"config: teacher_api {self.teacher_api!r} needs teacher_url and teacher_model"
             )
-        if self.reduction not in ("token_mean", "seq_mean_token_sum"):
+        if self.teacher_url is not None and not _is_http_url(self.teacher_url):
             raise ValueError(
-                "config: reduction must be token_mean or seq_mean_token_sum, "
-                f"got {self.reduction!r}"
+                "config: teacher_url must be http(s)://host[:port][/prefix], "
+                f"got {self.teacher_url!r}"
             )
-        if self.lr_schedule not in ("constant", "cosine", "linear"):
+        if self.teacher_token == "":
             raise ValueError(
-                f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}"
+                "config: teacher_token is empty (leave it out for a server without a token)"
             )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"config: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
-            )
-        for name in ("student", "teacher", "train_data", "eval_data"):
-            value = getattr(self, name)
-            if name == "teacher" and self.teacher_url:
-                continue
-            if value != TOY and not os.path.exists(value):
-                raise ValueError(f"config: {name} path does not exist: {value}")
+        _check_template(self.prompt_template)
+        _check_paths(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,29 +187,112 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _type_name(declared: str) -> str:
+    return declared.replace(" | None", "")
+
+
+def _check_type(name: str, declared: str, value: Any) -> None:
+    """ValueError unless `value` is of the field's declared type (bool is not a number,
+    every number is finite)."""
+    if value is None and "None" in declared:
+        return
+    kind = _type_name(declared)
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"config: {name} must be a finite number, got {value}")
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        wanted = {"bool": "true or false", "int": "an integer", "float": "a number"}
+        raise ValueError(
+            f"config: {name} must be {wanted.get(kind, 'a string')}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+
+
+def _check_template(template: str) -> None:
+    if template == "chat":
+        return
+    try:
+        template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"config: prompt_template must be 'chat' or a format string using only {{prompt}}, "
+            f"got {template!r} ({error})"
+        ) from None
+    if "{prompt}" not in template:
+        raise ValueError(f"config: prompt_template {template!r} never uses {{prompt}}")
+
+
+def _check_paths(config: TrainConfig) -> None:
+    """The model folders and data files the config names exist and are what they should be."""
+    models = ["student"] + ([] if config.teacher_url else ["teacher"])
+    for name in models:
+        path = getattr(config, name)
+        if path == TOY:
+            continue
+        if not os.path.exists(path):
+            raise ValueError(f"config: {name} path does not exist: {path}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(
+                f"config: {name} is not a Hugging Face model folder (no config.json in it): {path}"
+            )
+    for name in ("train_data", "eval_data"):
+        path = getattr(config, name)
+        if path == TOY:
+            continue
+        if not os.path.exists(path):
+            raise ValueError(f"config: {name} path does not exist: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"config: {name} must be a JSONL or Parquet file, not a folder: {path}"
+            )
+    if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
+        raise ValueError(f"config: run_dir exists and is not a folder: {config.run_dir}")
+
+
 def _coerce(name: str, raw: Any) -> Any:
-    """Convert a --set string (or YAML value) to the field's declared type."""
+    """A --set string, or a YAML/JSON value, as the field's declared type where that is
+    lossless (the type itself is checked by validate)."""
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     declared = str(field.type)
+    kind = _type_name(declared)
     if not isinstance(raw, str):
-        if "float" in declared and isinstance(raw, int) and not isinstance(raw, bool):
+        if kind == "float" and isinstance(raw, int) and not isinstance(raw, bool):
             return float(raw)
+        if kind == "int" and isinstance(raw, float) and raw.is_integer():
+            return int(raw)  # 1000.0 or 1e3 from YAML: an integer written as a float
         return raw
     if raw.lower() in ("none", "null") and "None" in declared:
         return None
-    if declared.startswith("bool"):
+    if kind == "bool":
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"config: {name} must be true or false, got {raw!r}")
     try:
-        if declared.startswith("int"):
+        if kind == "int":
             return int(raw)
-        if declared.startswith("float"):
+        if kind == "float":
             return float(raw)
-    except ValueError as error:
-        raise ValueError(f"config: {name} expects {declared}, got {raw!r}") from error
+    except ValueError:
+        wanted = "an integer" if kind == "int" else "a number"
+        raise ValueError(f"config: {name} must be {wanted}, got {raw!r}") from None
     return raw
 
 
@@ -214,15 +331,34 @@ def load_config(
     """Read a YAML or JSON file (a flat mapping of TrainConfig keys), then apply overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        if not os.path.exists(path):
-            raise ValueError(f"config file not found: {path}")
-        with open(path) as handle:
-            text = handle.read()
-        loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys to values")
-        values.update(loaded)
+        values.update(_read_config_file(path))
     values.update(overrides or {})
     return make_config(values, base)
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file; errors name the file (and the line of a syntax
+    error)."""
+    if not os.path.exists(path):
+        raise ValueError(f"config file not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"config file is not a file: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path} cannot be read: {error}") from None
+    try:
+        loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{where}: not valid YAML ({problem})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return loaded

@@ -5,43 +5,82 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
     answer: str
+    source: str = field(default="", compare=False)  # "file:line" (or "file: row N"), for errors
+
+
+def _example(row, path: str, where: str) -> Example:
+    """One row as an Example; a missing, null or non-text field is an error naming the row.
+    A number is a fine answer ("42"); None is not ("None" would be graded as text)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be an object with 'prompt' and 'answer'")
+    for name in ("prompt", "answer"):
+        if name not in row:
+            raise ValueError(f"{where}: the row has no '{name}' field (fields: {sorted(row)})")
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        raise ValueError(f"{where}: 'prompt' must be non-empty text, got {row['prompt']!r}")
+    answer = row["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: 'answer' must be text or a number, got {answer!r}")
+    return Example(prompt=row["prompt"], answer=str(answer), source=where)
 
 
 def load_examples(path: str) -> list[Example]:
-    """Read {"prompt", "answer"} rows from .jsonl/.json or .parquet; errors name the problem."""
+    """Read {"prompt", "answer"} rows from .jsonl/.json or .parquet; every error names the file
+    and the line (JSONL) or row (Parquet)."""
     if not os.path.exists(path):
         raise ValueError(f"dataset not found: {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset is not a file: {path}")
+    examples = []
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as parquet
         except ImportError as error:
             raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)") from error
-        rows = parquet.read_table(path).to_pylist()
+        try:
+            rows = parquet.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises its own types for a damaged file
+            raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
+        for index, row in enumerate(rows):
+            examples.append(_example(row, path, f"{path}: row {index}"))
     else:
-        rows = []
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{line_number}"
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from error
-    examples = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise ValueError(f"{path}: row {index} needs 'prompt' and 'answer' fields")
-        examples.append(Example(prompt=str(row["prompt"]), answer=str(row["answer"])))
+                    raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+                examples.append(_example(row, path, where))
     if not examples:
         raise ValueError(f"dataset is empty: {path}")
     return examples
+
+
+def check_prompt_lengths(examples, template: str, tokenizer, max_new_tokens: int, positions):
+    """ValueError naming the first example whose prompt plus max_new_tokens does not fit the
+    model's positions (beyond them a model repeats or invents positions, silently)."""
+    if not positions:
+        return
+    rendered = [render_prompt(example, template, tokenizer) for example in examples]
+    encoded = tokenizer(rendered, add_special_tokens=True)["input_ids"]
+    for example, ids in zip(examples, encoded):
+        length = len(ids)
+        if length + max_new_tokens > positions:
+            raise ValueError(
+                f"{example.source or 'a prompt'}: the prompt is {length} tokens; with "
+                f"max_new_tokens={max_new_tokens} it needs {length + max_new_tokens} positions, "
+                f"but the model has {positions} (max_position_embeddings)"
+            )
 
 
 def render_prompt(example: Example, template: str, tokenizer) -> str:

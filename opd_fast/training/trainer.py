@@ -27,7 +27,7 @@ from opd_fast.teachers.factory import TeacherSpec
 from opd_fast.toy import resolve_toy
 from opd_fast.training import checkpoint as ckpt
 from opd_fast.training.config import TrainConfig, make_config
-from opd_fast.training.data import Example, PromptSampler, load_examples
+from opd_fast.training.data import Example, PromptSampler, check_prompt_lengths, load_examples
 from opd_fast.training.grading import is_correct
 from opd_fast.training.metrics import (
     MetricsLog,
@@ -93,6 +93,11 @@ class Trainer:
             },
             progress=config.progress,
         )
+        # Data first: a bad row is reported before minutes of model loading.
+        self.train_examples = load_examples(self.paths["train_data"])
+        self.eval_examples = load_examples(self.paths["eval_data"])
+        if config.eval_max_prompts:
+            self.eval_examples = self.eval_examples[: config.eval_max_prompts]
         pair = load_pair(
             self.paths["student"],
             replace(spec, path=self.paths["teacher"]),
@@ -113,10 +118,11 @@ class Trainer:
             vocab=self.vocab,
         )
 
-        self.train_examples = load_examples(self.paths["train_data"])
-        self.eval_examples = load_examples(self.paths["eval_data"])
-        if config.eval_max_prompts:
-            self.eval_examples = self.eval_examples[: config.eval_max_prompts]
+        positions = getattr(self.student.config, "max_position_embeddings", None)
+        for examples in (self.train_examples, self.eval_examples):
+            check_prompt_lengths(
+                examples, config.prompt_template, self.tokenizer, config.max_new_tokens, positions
+            )
         self.sampler = PromptSampler(self.train_examples, config.seed)
         self.optimizer = torch.optim.AdamW(
             self.student.parameters(),
