@@ -17,6 +17,7 @@ import yaml
 from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
+from opd_fast.training.loggers import parse_loggers
 
 # (keys, the test every one of them must pass, how the error states it)
 _BOUNDS = (
@@ -108,6 +109,10 @@ class TrainConfig:
     eval_max_prompts: int = 0  # 0 = all
     checkpoint_every: int = 50  # steps; a checkpoint is always written at the end
     progress: bool = True
+    loggers: str = ""  # besides metrics.jsonl: "tensorboard", "wandb" (comma-separated)
+
+    # Multi-rank runs (torchrun): FSDP2 keeps the student's sharded state in CPU memory.
+    fsdp_cpu_offload: bool = False
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad value; returns self for chaining."""
@@ -137,6 +142,7 @@ class TrainConfig:
             raise ValueError(
                 f"config: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        parse_loggers(self.loggers)
         for name in ("student", "teacher", "train_data", "eval_data"):
             value = getattr(self, name)
             if name == "teacher" and self.teacher_url:
