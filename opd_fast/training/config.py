@@ -111,7 +111,7 @@ class TrainConfig:
     progress: bool = True
     loggers: str = ""  # besides metrics.jsonl: "tensorboard", "wandb" (comma-separated)
 
-    # Multi-rank runs (torchrun): FSDP2 keeps the student's sharded state in CPU memory.
+    # Multi-rank runs on GPUs (torchrun): FSDP2 keeps the student's sharded state in CPU memory.
     fsdp_cpu_offload: bool = False
 
     def validate(self) -> TrainConfig:

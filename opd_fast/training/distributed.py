@@ -219,6 +219,11 @@ class Distributed:
                 param_dtype=compute_dtype, reduce_dtype=torch.float32
             )
         if cpu_offload:
+            if device.type != "cuda":
+                raise ValueError(
+                    "config: fsdp_cpu_offload needs GPU ranks (on CPU ranks the parameters "
+                    "already live in CPU memory)"
+                )
             options["offload_policy"] = CPUOffloadPolicy()
         layers = decoder_layers(model)
         if not layers:
