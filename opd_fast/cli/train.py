@@ -47,6 +47,13 @@ def _relaunch(args) -> int | None:
     return launch(args.nproc_per_node, argv)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for the other ranks, then leave (no-op in a single process)."""
+    from opd_fast.training.distributed import shutdown
+
+    shutdown()
+
+
 def _is_main() -> bool:
     from opd_fast.training.distributed import env_rank
 
@@ -98,6 +105,7 @@ def _train(args) -> int:
     except TrainingDiverged as error:
         print(f"opd-fast: {error}", file=sys.stderr)
         return 3
+    _leave_process_group()
     if _is_main():
         print_summary(summary, config.run_dir)
     return 0
@@ -114,6 +122,7 @@ def _demo(args) -> int:
         return relaunched
     if not _is_main():
         train(config, resume=args.resume)
+        _leave_process_group()
         return 0
     print(
         "opd-fast demo: building/loading the embedded toy world, then distilling the teacher "
@@ -121,6 +130,7 @@ def _demo(args) -> int:
         flush=True,
     )
     summary = train(config, resume=args.resume)
+    _leave_process_group()
     summary["demo_wall_seconds"] = time.perf_counter() - started
     print_summary(summary, config.run_dir)
     print(f"  demo wall time (including the toy-world build): {summary['demo_wall_seconds']:.1f} s")

@@ -245,11 +245,19 @@ class Distributed:
         scaled_loss.backward()
 
     def close(self) -> None:
+        """Leave the process group (every rank calls it at the end)."""
         if self.active:
-            import torch.distributed as dist
+            shutdown()
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def shutdown() -> None:
+    """Every rank waits for the others, then the process group is destroyed: a rank that tore
+    gloo down while a peer was still finishing its last collective could abort at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
