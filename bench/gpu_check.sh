@@ -5,7 +5,8 @@
 # 2. build the CUDA extension: MAX_JOBS=16 OPD_FAST_CUDA_ARCHS=90 pip install -e .
 # 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there)
 # 4. training smoke run: two tiny random Qwen3 models in bf16, 8 OPD steps, tokens/s of rollout,
-#    teacher scoring and training (bench/train_smoke.py)
+#    teacher scoring and training (bench/train_smoke.py); then the same on one rank under
+#    torchrun: the FSDP2 path (fp32 master weights, bf16 compute, sharded checkpoint at the end)
 # 5. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
 #    opd_fast vs eager reference vs eager_careful vs torch.compile(reference); baselines that
 #    would not fit in GPU memory or in the time left are skipped (the JSON says why)
@@ -87,6 +88,8 @@ fi
 
 # 4. the trainer end to end on the GPU
 run_step train_smoke 90 "$PYTHON" bench/train_smoke.py --device cuda --out "$OUT/train-smoke.json"
+run_step train_smoke_fsdp2 120 "$PYTHON" -m torch.distributed.run --standalone \
+    --nproc-per-node 1 bench/train_smoke.py --device cuda --out "$OUT/train-smoke-fsdp2.json"
 
 # 5. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
 BENCH_LIMIT=$((TOTAL_BUDGET_S - $(elapsed)))
@@ -112,6 +115,10 @@ run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
     if [[ -f "$OUT/train-smoke.json" ]]; then
         echo "--- train smoke"
         cat "$OUT/train-smoke.json"
+    fi
+    if [[ -f "$OUT/train-smoke-fsdp2.json" ]]; then
+        echo "--- train smoke, FSDP2 on one rank"
+        cat "$OUT/train-smoke-fsdp2.json"
     fi
     if [[ -f "$OUT/bench.log" ]]; then
         echo "--- bench"

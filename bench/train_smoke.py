@@ -2,6 +2,7 @@
 
     python bench/train_smoke.py --device cuda --out bench/results/gpu-local/train-smoke.json
     python bench/train_smoke.py --device cpu --steps 3      # the same path on a CPU
+    torchrun --standalone --nproc-per-node 1 bench/train_smoke.py --device cuda  # FSDP2
 
 Prints (and writes as JSON) the medians over the steps after the first of the trainer's own
 rollout, teacher-scoring and training tokens per second, and the peak memory. The models are
@@ -73,6 +74,8 @@ def main() -> None:
     result = {
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "ranks": int(os.environ.get("WORLD_SIZE", "1")),
+        "fsdp2": "RANK" in os.environ,  # under torchrun: the student sharded with FSDP2
         "dtype": str(resolve_dtype(config.dtype, resolve_device(config.device))),
         "student_hidden": args.hidden,
         "teacher_hidden": 2 * args.hidden,
@@ -90,6 +93,8 @@ def main() -> None:
         "loss_first": steps[0]["loss"],
         "loss_last": steps[-1]["loss"],
     }
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     print(json.dumps(result, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

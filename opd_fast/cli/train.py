@@ -19,6 +19,44 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"override a config key (repeatable); keys: {', '.join(field_names())}",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="run on N ranks of this machine through torchrun (FSDP2; multi-node: run "
+        "torchrun yourself, see docs/distributed.md)",
+    )
+
+
+def _relaunch(args) -> int | None:
+    """With --nproc-per-node outside torchrun: this command again under torchrun, its exit
+    code; else None (run here)."""
+    from opd_fast.training.distributed import launch, launched_by_torchrun
+
+    if args.nproc_per_node is None or launched_by_torchrun():
+        return None
+    argv, skip = [], False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc-per-node":
+            skip = True
+        elif not token.startswith("--nproc-per-node="):
+            argv.append(token)
+    return launch(args.nproc_per_node, argv)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for the other ranks, then leave (no-op in a single process)."""
+    from opd_fast.training.distributed import shutdown
+
+    shutdown()
+
+
+def _is_main() -> bool:
+    from opd_fast.training.distributed import env_rank
+
+    return env_rank() == 0
 
 
 def _format(value) -> str:
@@ -58,8 +96,13 @@ def _train(args) -> int:
     from opd_fast.training.trainer import train
 
     config = load_config(args.config, parse_overrides(args.overrides))
+    relaunched = _relaunch(args)
+    if relaunched is not None:
+        return relaunched
     summary = train(config, resume=args.resume)
-    print_summary(summary, config.run_dir)
+    _leave_process_group()
+    if _is_main():
+        print_summary(summary, config.run_dir)
     return 0
 
 
@@ -69,12 +112,20 @@ def _demo(args) -> int:
 
     started = time.perf_counter()
     config = recipe("toy_demo", parse_overrides(args.overrides))
+    relaunched = _relaunch(args)
+    if relaunched is not None:
+        return relaunched
+    if not _is_main():
+        train(config, resume=args.resume)
+        _leave_process_group()
+        return 0
     print(
         "opd-fast demo: building/loading the embedded toy world, then distilling the teacher "
         "into the student on the student's own rollouts",
         flush=True,
     )
     summary = train(config, resume=args.resume)
+    _leave_process_group()
     summary["demo_wall_seconds"] = time.perf_counter() - started
     print_summary(summary, config.run_dir)
     print(f"  demo wall time (including the toy-world build): {summary['demo_wall_seconds']:.1f} s")

@@ -152,19 +152,33 @@ class Checkpoint:
 def save_checkpoint(run_dir, step, model, tokenizer, trainer_state: dict[str, Any]) -> str:
     """Write checkpoint `step` (verified, atomically) and name it in `latest`; returns its
     directory."""
-    global _saves
-    _saves += 1
-    root = _checkpoint_root(run_dir)
-    os.makedirs(root, exist_ok=True)
-    name = f"step_{step:06d}"
-    final = os.path.join(root, name)
-    temporary = os.path.join(root, f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
+    temporary = begin_checkpoint(run_dir, step)
     model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(temporary, "model"))
     _fault("weights")
     torch.save({"step": step, **trainer_state}, os.path.join(temporary, "trainer_state.pt"))
     _fault("state")
+    return finish_checkpoint(run_dir, step, temporary)
+
+
+def begin_checkpoint(run_dir: str, step: int) -> str:
+    """The empty temporary folder checkpoint `step` is written into (then finish_checkpoint)."""
+    global _saves
+    _saves += 1
+    root = _checkpoint_root(run_dir)
+    os.makedirs(root, exist_ok=True)
+    temporary = os.path.join(root, f".step_{step:06d}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    return temporary
+
+
+def finish_checkpoint(run_dir: str, step: int, temporary: str) -> str:
+    """Seal the fully written `temporary` folder: its manifest, then renamed into place (an
+    older copy of the step kept aside until the new one is in), `latest`, pruning."""
+    root = _checkpoint_root(run_dir)
+    name = f"step_{step:06d}"
+    final = os.path.join(root, name)
     write_manifest(temporary, step)
     _fault("manifest")
     aside = None

@@ -20,6 +20,7 @@ import yaml
 from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
+from opd_fast.training.loggers import parse_loggers
 
 # (keys, the test every one of them must pass, how the error states it). Every number is also
 # checked to be finite and of its field's type before these run (see _check_type).
@@ -137,6 +138,10 @@ class TrainConfig:
     eval_max_prompts: int = 0  # 0 = all
     checkpoint_every: int = 50  # steps; a checkpoint is always written at the end
     progress: bool = True
+    loggers: str = ""  # besides metrics.jsonl: "tensorboard", "wandb" (comma-separated)
+
+    # Multi-rank runs on GPUs (torchrun): FSDP2 keeps the student's sharded state in CPU memory.
+    fsdp_cpu_offload: bool = False
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad value (its type, range, or the file it
@@ -166,16 +171,18 @@ class TrainConfig:
             raise ValueError(
                 f"config: teacher_api {self.teacher_api!r} needs teacher_url and teacher_model"
             )
-        if self.teacher_url is not None and not _is_http_url(self.teacher_url):
+        servers = self.teacher_url.split(",") if self.teacher_url is not None else []
+        if any(not _is_http_url(url.strip()) for url in servers):  # ranks spread over several
             raise ValueError(
-                "config: teacher_url must be http(s)://host[:port][/prefix], "
-                f"got {self.teacher_url!r}"
+                "config: teacher_url must be http(s)://host[:port][/prefix] (or several, "
+                f"comma-separated), got {self.teacher_url!r}"
             )
         if self.teacher_token == "":
             raise ValueError(
                 "config: teacher_token is empty (leave it out for a server without a token)"
             )
         _check_template(self.prompt_template)
+        parse_loggers(self.loggers)
         _check_paths(self)
         return self
 

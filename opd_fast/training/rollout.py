@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from opd_fast.training.data import Example, render_prompt
+from opd_fast.training.distributed import is_sharded
 
 
 @dataclass
@@ -122,6 +123,7 @@ def generate(
             attention_mask=attention,
             generation_config=config,
             logits_processor=_vocab_limit_processor(vocab_limit),
+            synced_gpus=is_sharded(model),  # FSDP: ranks step together until all are done
         )
         for row, prompt_ids in enumerate(chunk):
             generated = output[row, width:].tolist()

@@ -26,11 +26,13 @@ from opd_fast.teachers.base import Teacher
 from opd_fast.teachers.factory import TeacherSpec
 from opd_fast.toy import resolve_toy
 from opd_fast.training import checkpoint as ckpt
+from opd_fast.training import sharded_checkpoint
 from opd_fast.training.config import TrainConfig, make_config
 from opd_fast.training.data import Example, PromptSampler, check_prompt_lengths, load_examples
+from opd_fast.training.distributed import Distributed, clip_grad_norm, teacher_url_for_rank
 from opd_fast.training.grading import is_correct
+from opd_fast.training.loggers import open_run_log
 from opd_fast.training.metrics import (
-    MetricsLog,
     PositionProfile,
     StepMetrics,
     summarise,
@@ -82,16 +84,27 @@ class Trainer:
         hf_logging.disable_progress_bar()  # per-shard load/save bars drown the step bar
         self.config = config
         self.loss_fn = loss_fn
-        seed_everything(config.seed)
+        # Under torchrun: a process group, this rank's device; else a no-op single process.
+        self.dist = dist = Distributed.from_env(config.device)
+        dist.split(range(config.prompts_per_step))  # refuse an uneven split before loading
+        if dist.active and config.cold_start_steps:
+            raise ValueError("config: cold_start_steps is not supported in a multi-rank run yet")
+        seed_everything(config.seed + dist.rank)  # each rank samples its own rollouts
         spec = TeacherSpec.from_config(config)
-        self.paths = resolve_toy(
-            {
-                "student": config.student,
-                "teacher": None if teacher is not None else spec.path,
-                "train_data": config.train_data,
-                "eval_data": config.eval_data,
-            },
-            progress=config.progress,
+        spec = replace(spec, url=teacher_url_for_rank(spec.url, dist.rank))
+        self.paths = dist.main_first(  # rank 0 builds the toy world's cache, then the others
+            lambda: resolve_toy(
+                {
+                    "student": config.student,
+                    "teacher": None if teacher is not None else spec.path,
+                    "train_data": config.train_data,
+                    "eval_data": config.eval_data,
+                },
+                progress=config.progress and dist.is_main,
+            )
+        )
+        placement = Placement.resolve(
+            dist.device_name(config.device), config.dtype, config.attn_implementation
         )
         # Data first: a bad row is reported before minutes of model loading.
         self.train_examples = load_examples(self.paths["train_data"])
@@ -101,13 +114,14 @@ class Trainer:
         pair = load_pair(
             self.paths["student"],
             replace(spec, path=self.paths["teacher"]),
-            Placement.resolve(config.device, config.dtype, config.attn_implementation),
+            placement,
             student_trainable=True,
             variant=config.variant,
             k=config.k,
             built_teacher=teacher,
         )
         self.pair, self.device = pair, pair.placement.device
+        pair.student = dist.shard(pair.student, placement.dtype, config.fsdp_cpu_offload)
         self.tokenizer, self.student, self.teacher = pair.tokenizer, pair.student, pair.teacher
         self.vocab, self.eos_ids = pair.vocab, pair.eos_ids
         self.loss_settings = LossSettings(
@@ -132,7 +146,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         os.makedirs(config.run_dir, exist_ok=True)
-        self.log = MetricsLog(os.path.join(config.run_dir, "metrics.jsonl"))
+        self.log = open_run_log(config.run_dir, config.loggers, config.to_dict(), dist.is_main)
         self.step = 0
         self.wall_before = 0.0  # wall time of earlier (resumed-from) sessions
 
@@ -156,13 +170,16 @@ class Trainer:
         )
 
     def accuracy(self, model, examples: list[Example]) -> float:
-        """avg@n accuracy at the evaluation temperature / top-p."""
+        """avg@n accuracy at the evaluation temperature / top-p (split over ranks)."""
         config = self.config
+        share, real = self.dist.padded_share(examples)
         batch, repeated = self.sample(
-            model, examples, config.eval_samples, config.eval_temperature, config.eval_top_p
+            model, share, config.eval_samples, config.eval_temperature, config.eval_top_p
         )
         correct = [is_correct(r, e.answer) for r, e in zip(batch.responses, repeated)]
-        return sum(correct) / len(correct)
+        real *= config.eval_samples
+        correct, count = self.dist.sum([sum(correct[:real]), real])
+        return correct / count
 
     def evaluate(self, with_teacher: bool = False) -> dict:
         record = {"kind": "eval", "step": self.step}
@@ -182,7 +199,8 @@ class Trainer:
 
     def rollouts(self) -> tuple[RolloutBatch, list[Example]]:
         config = self.config
-        examples = self.sampler.next_batch(config.prompts_per_step)
+        # Every rank draws the whole step (the sampler stays the same everywhere), keeps its share.
+        examples = self.dist.split(self.sampler.next_batch(config.prompts_per_step))
         return self.sample(
             self.student,
             examples,
@@ -222,28 +240,30 @@ class Trainer:
         started = time.perf_counter()
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_tokens = int(batch.response_mask[:, 1:].sum())
         sequences = batch.input_ids.shape[0]
+        # The loss is normalised by the global batch's tokens (sequences): all ranks together
+        # make the single-process update.
+        total_tokens, total_sequences = self.dist.sum(
+            [int(batch.response_mask[:, 1:].sum()), sequences]
+        )
         step_metrics = StepMetrics()
         profile = PositionProfile(span=config.max_new_tokens)
         loss_value = 0.0
         for start in range(0, sequences, config.micro_batch_size):
             micro = batch.select(start, min(start + config.micro_batch_size, sequences))
             try:
-                scaled, output = self.loss_on(micro, total_tokens, sequences, timers)
+                scaled, output = self.loss_on(micro, total_tokens, total_sequences, timers)
             except NonFiniteLogitsError as error:
                 raise TrainingDiverged(
                     f"non-finite logits at step {self.step + 1}: {error}"
                 ) from None
             if not torch.isfinite(scaled):
                 raise TrainingDiverged(f"loss is {float(scaled)} at step {self.step + 1}")
-            scaled.backward()
+            self.dist.backward(scaled)
             loss_value += float(scaled.detach())
             step_metrics.add(output.metrics)
             profile.add(output.token_metrics, micro.response_mask[:, 1:])
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
-        )
+        grad_norm = clip_grad_norm(self.student.parameters(), config.grad_clip)
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
         lr = self.scheduler.get_last_lr()[0]
@@ -252,21 +272,26 @@ class Trainer:
         timers["train"] = time.perf_counter() - started - timers["teacher"]
         self.step += 1
 
+        # Over ranks: sums of tokens and token-weighted metric sums, the slowest rank's times.
+        self.dist.reduce_step_metrics(step_metrics, profile)
+        loss_value, rewards, tokens, truncated = self.dist.sum(
+            [loss_value, sum(rewards), batch.num_response_tokens, sum(batch.truncated)]
+        )
+        timers = self.dist.max(timers)
         record = {"kind": "train", "step": self.step, "loss": loss_value}
         record.update(step_metrics.means())
         record["position_profile"] = profile.means()
-        tokens = batch.num_response_tokens
         record.update(
             grad_norm=grad_norm,
             lr=lr,
-            train_reward=sum(rewards) / len(rewards),
-            mean_response_length=tokens / sequences,
-            truncated_fraction=sum(batch.truncated) / sequences,
+            train_reward=rewards / total_sequences,
+            mean_response_length=tokens / total_sequences,
+            truncated_fraction=truncated / total_sequences,
             rollout_tokens_per_s=tokens / max(timers["rollout"], 1e-9),
             teacher_tokens_per_s=tokens / max(timers["teacher"], 1e-9),
             train_tokens_per_s=tokens / max(timers["train"], 1e-9),
             step_seconds=sum(timers.values()),
-            peak_memory_mib=peak_memory_mib(self.device),
+            peak_memory_mib=self.dist.max({"peak": peak_memory_mib(self.device)})["peak"],
         )
         self.log.write(record)
         return record
@@ -310,13 +335,24 @@ class Trainer:
         state = {
             "metrics_records": len(self.log.read()),
             "final": final,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": ckpt.rng_state(),
             "config": self.config.to_dict(),
             "wall_seconds": self.wall_before + (time.perf_counter() - self.session_started),
         }
+        if self.dist.active:  # sharded student and optimizer, each rank's RNG
+            return sharded_checkpoint.save(
+                self.dist,
+                self.config.run_dir,
+                self.step,
+                self.student,
+                self.optimizer,
+                self.tokenizer,
+                state,
+                {"rng": ckpt.rng_state()},
+                consolidate=final,
+            )
+        state.update(optimizer=self.optimizer.state_dict(), rng=ckpt.rng_state())
         return ckpt.save_checkpoint(
             self.config.run_dir, self.step, self.student, self.tokenizer, state
         )
@@ -325,6 +361,35 @@ class Trainer:
         """Resume from the run folder's newest intact checkpoint; False when the folder has
         no history. A folder with history but no usable checkpoint is an error (CheckpointError
         naming what is wrong), never a silent start from step 0."""
+        path = self.dist.on_main(self._find_checkpoint)  # rank 0 scans (and repairs)
+        if path is None:
+            return False
+        checkpoint = ckpt.load_checkpoint(path)
+        state = checkpoint.trainer_state
+        if self.dist.active:
+            world_size = state.get("world_size")
+            rank_state = sharded_checkpoint.load(
+                self.dist, path, self.student, self.optimizer, world_size
+            )
+            state = {**state, **rank_state}
+        else:
+            if sharded_checkpoint.is_sharded_checkpoint(path):
+                raise ckpt.CheckpointError(
+                    f"{path} was written by a multi-rank run; resume it under torchrun with "
+                    f"{state.get('world_size')} ranks (or export it: opd-fast export)"
+                )
+            ckpt.load_weights(self.student, checkpoint.model_dir)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = checkpoint.step
+        self.wall_before = float(state.get("wall_seconds", 0.0))
+        self.log.truncate(state.get("metrics_records"), self.step)
+        self.finished = bool(state.get("final", False))
+        return True
+
+    def _find_checkpoint(self) -> str | None:
         path = ckpt.find_checkpoint(self.config.run_dir)
         if path is None:
             steps = [r["step"] for r in self.log.read() if r.get("kind") == "train"]
@@ -334,19 +399,7 @@ class Trainer:
                     "but no checkpoint to resume from; run without --resume to start over "
                     "(the run folder's history is then replaced)"
                 )
-            return False
-        checkpoint = ckpt.load_checkpoint(path)
-        ckpt.load_weights(self.student, checkpoint.model_dir)
-        state = checkpoint.trainer_state
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(state["rng"])
-        self.step = checkpoint.step
-        self.wall_before = float(state.get("wall_seconds", 0.0))
-        self.log.truncate(state.get("metrics_records"), self.step)
-        self.finished = bool(state.get("final", False))
-        return True
+        return path
 
     # ---- the run ----------------------------------------------------------------------
 
@@ -362,14 +415,15 @@ class Trainer:
         self.finished = False
         resumed = self.restore() if resume else False
         if not resumed:
-            if os.path.exists(self.log.path):
-                os.remove(self.log.path)  # a fresh run starts a fresh log
-            write_json(os.path.join(config.run_dir, "config.json"), config.to_dict())
+            if self.dist.is_main:  # rank 0 alone writes the run folder
+                if os.path.exists(self.log.path):
+                    os.remove(self.log.path)  # a fresh run starts a fresh log
+                write_json(os.path.join(config.run_dir, "config.json"), config.to_dict())
             self.evaluate(with_teacher=True)
             if config.cold_start_steps:
                 self.cold_start()
                 self.evaluate()  # step 0 again: the student OPD starts from
-        progress = _progress(config, initial=self.step)
+        progress = _progress(config, initial=self.step) if self.dist.is_main else None
         session_steps = 0
         with _StopRequest() as stop:
             try:
@@ -389,7 +443,7 @@ class Trainer:
                         progress.set_postfix(
                             loss=f"{record['loss']:.4f}", overlap=f"{record['overlap_ratio']:.3f}"
                         )
-                    interrupted = stop.requested
+                    interrupted = self.dist.any(stop.requested)
                     if interrupted or (stop_after is not None and session_steps >= stop_after):
                         if self.step < config.steps:
                             path = self.save()
@@ -410,11 +464,16 @@ class Trainer:
             self.evaluate()
             self.save(final=True)
         wall = self.wall_before + (time.perf_counter() - self.session_started)
-        records = self.log.read()
-        summary = summarise(records, wall)
-        write_json(os.path.join(config.run_dir, "summary.json"), summary)
-        plot_dynamics(records, os.path.join(config.run_dir, "dynamics.png"))
-        return summary
+
+        def finish() -> dict:
+            records = self.log.read()
+            summary = summarise(records, wall)
+            write_json(os.path.join(config.run_dir, "summary.json"), summary)
+            plot_dynamics(records, os.path.join(config.run_dir, "dynamics.png"))
+            self.log.close()
+            return summary
+
+        return self.dist.on_main(finish)  # rank 0 writes; every rank returns its summary
 
 
 class _StopRequest:

@@ -1,0 +1,85 @@
+"""One rank of the multi-rank tests (test_distributed.py), started by torchrun:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 distributed_worker.py \
+        MODE CONFIG_JSON [options]
+
+step: one train_step on the global batch saved in --batch (this rank takes its share), then rank
+      0 saves the full (unsharded) parameters and the step's record to --out.
+run:  Trainer(config).run(resume=--resume, stop_after=--stop-after); with --fail-rank R, rank R
+      raises in its step --fail-step; with --logits, rank 0 saves the trained (sharded) student's
+      logits on fixed token ids to that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from opd_fast.training.config import make_config
+from opd_fast.training.trainer import Trainer
+
+LOGIT_IDS = [[1, 5, 9, 13, 17, 21, 25, 29]]
+
+
+def full_parameters(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        name: tensor.clone()
+        for name, tensor in get_model_state_dict(model, options=options).items()
+    }
+
+
+def share_of(batch, examples, rank: int, world: int):
+    per = batch.input_ids.shape[0] // world
+    return batch.select(rank * per, (rank + 1) * per), examples[rank * per : (rank + 1) * per]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["step", "run"])
+    parser.add_argument("config")
+    parser.add_argument("--batch")
+    parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--fail-rank", type=int)
+    parser.add_argument("--fail-step", type=int, default=1)
+    parser.add_argument("--logits")
+    args = parser.parse_args()
+    with open(args.config) as handle:
+        trainer = Trainer(make_config(json.load(handle)))
+    dist = trainer.dist
+    if args.mode == "step":
+        batch, examples = torch.load(args.batch, weights_only=False)
+        trainer.rollouts = lambda: share_of(batch, examples, dist.rank, dist.world_size)
+        trainer.session_started = 0.0
+        record = trainer.train_step()
+        parameters = full_parameters(trainer.student)
+        if dist.is_main:
+            torch.save({"parameters": parameters, "record": record}, args.out)
+        dist.close()
+        return
+    if args.fail_rank is not None:
+        original = trainer.train_step
+
+        def failing_step():
+            if dist.rank == args.fail_rank and trainer.step + 1 == args.fail_step:
+                raise RuntimeError(f"injected failure on rank {dist.rank}")
+            return original()
+
+        trainer.train_step = failing_step
+    trainer.run(resume=args.resume, stop_after=args.stop_after)
+    if args.logits:
+        with torch.no_grad():
+            logits = trainer.student(input_ids=torch.tensor(LOGIT_IDS)).logits
+        if dist.is_main:
+            torch.save(logits, args.logits)
+    dist.close()
+
+
+if __name__ == "__main__":
+    main()
