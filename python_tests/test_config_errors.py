@@ -62,7 +62,7 @@ BAD_YAML_VALUES = [
     ("teacher_token: ''", r"teacher_token is empty"),
     ("teacher_wait_s: 0", r"teacher_wait_s must be > 0"),
     ("prompt_template: 'Q: {question}'", r"prompt_template must be 'chat' or a format string"),
-    ("prompt_template: 'no placeholder'", r"template 'no placeholder' never uses \{prompt\}"),
+    ("prompt_template: 'no placeholder'", r"prompt_template never uses \{prompt\}"),
     ("cold_start_lr: 0", r"cold_start_lr must be > 0"),
 ]
 

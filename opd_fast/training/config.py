@@ -242,7 +242,7 @@ def _check_template(template: str) -> None:
             f"got {template!r} ({error})"
         ) from None
     if "{prompt}" not in template:
-        raise ValueError(f"config: prompt_template {template!r} never uses {{prompt}}")
+        raise ValueError(f"config: prompt_template never uses {{prompt}}: {template!r}")
 
 
 def _check_paths(config: TrainConfig) -> None:
