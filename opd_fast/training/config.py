@@ -18,6 +18,9 @@ from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
 
+# The rollout engines (opd_fast.training.engines; named here, imported only when built).
+ENGINE_NAMES = ("hf", "vllm")
+
 # (keys, the test every one of them must pass, how the error states it)
 _BOUNDS = (
     (
@@ -35,7 +38,14 @@ _BOUNDS = (
         ">= 1",
     ),
     (
-        ("eval_every", "checkpoint_every", "warmup_steps", "eval_max_prompts", "cold_start_steps"),
+        (
+            "eval_every",
+            "checkpoint_every",
+            "warmup_steps",
+            "eval_max_prompts",
+            "cold_start_steps",
+            "rollout_is_cap",
+        ),
         lambda value: value >= 0,
         ">= 0",
     ),
@@ -74,6 +84,8 @@ class TrainConfig:
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
     rollout_batch_size: int = 64  # sequences generated at once
+    rollout_engine: str = "hf"  # hf (Hugging Face generate) | vllm (pip install "opd_fast[vllm]")
+    rollout_is_cap: float = 0.0  # > 0: weight token losses by min(pi_train / pi_engine, cap)
 
     # Loss (the fused op).
     k: int = 16
@@ -123,6 +135,10 @@ class TrainConfig:
         if self.teacher_api != OPD_FAST_API and not (self.teacher_url and self.teacher_model):
             raise ValueError(
                 f"config: teacher_api {self.teacher_api!r} needs teacher_url and teacher_model"
+            )
+        if self.rollout_engine not in ENGINE_NAMES:
+            raise ValueError(
+                f"config: rollout_engine must be one of {ENGINE_NAMES}, got {self.rollout_engine!r}"
             )
         if self.reduction not in ("token_mean", "seq_mean_token_sum"):
             raise ValueError(

@@ -27,7 +27,9 @@ from opd_fast.teachers.factory import TeacherSpec
 from opd_fast.toy import resolve_toy
 from opd_fast.training import checkpoint as ckpt
 from opd_fast.training.config import TrainConfig, make_config
-from opd_fast.training.data import Example, PromptSampler, load_examples
+from opd_fast.training.data import Example, PromptSampler, load_examples, render_prompt
+from opd_fast.training.engines import RolloutEngine, SamplingSettings, make_engine
+from opd_fast.training.engines.base import sample_examples
 from opd_fast.training.grading import is_correct
 from opd_fast.training.metrics import (
     MetricsLog,
@@ -36,9 +38,10 @@ from opd_fast.training.metrics import (
     summarise,
     write_json,
 )
+from opd_fast.training.off_policy import OffPolicyGap
 from opd_fast.training.pair import load_pair
 from opd_fast.training.plots import plot_dynamics
-from opd_fast.training.rollout import RolloutBatch, sample
+from opd_fast.training.rollout import RolloutBatch, encode_prompts
 from opd_fast.training.scoring import LossSettings, score_batch
 
 
@@ -118,6 +121,10 @@ class Trainer:
         if config.eval_max_prompts:
             self.eval_examples = self.eval_examples[: config.eval_max_prompts]
         self.sampler = PromptSampler(self.train_examples, config.seed)
+        # The student's sampler: rollouts and evaluation (vllm: refused here, before any step,
+        # when it is not installed or cannot run the student's architecture).
+        self.engine = self.engine_for(self.student, self.paths["student"])
+        self.gap = OffPolicyGap()  # this step's engine-vs-trainer log-prob gap
         self.optimizer = torch.optim.AdamW(
             self.student.parameters(),
             lr=config.lr,
@@ -132,22 +139,52 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------
 
-    def sample(self, model, examples: list[Example], repeats: int, temperature, top_p):
-        """`repeats` responses of `model` to each example, as the config samples them."""
+    def engine_for(self, model, model_path: str) -> RolloutEngine:
+        """A config.rollout_engine engine sampling `model` (loaded from `model_path`)."""
         config = self.config
-        return sample(
+        prompts = [
+            render_prompt(example, config.prompt_template, self.tokenizer)
+            for example in self.train_examples + self.eval_examples
+        ]
+        longest_prompt = max(len(ids) for ids in encode_prompts(self.tokenizer, prompts))
+        return make_engine(
+            config.rollout_engine,
             model,
             self.tokenizer,
-            examples,
-            repeats=repeats,
-            template=config.prompt_template,
-            eos_ids=self.eos_ids,
+            model_path=model_path,
+            batch_size=config.rollout_batch_size,
+            seed=config.seed,
+            max_model_len=longest_prompt + config.max_new_tokens,
+            max_num_seqs=config.rollout_batch_size,
+        )
+
+    def sample(self, model, examples: list[Example], repeats: int, temperature, top_p, engine=None):
+        """`repeats` responses of `model` to each example, as the config samples them: with
+        the student's engine, or `engine` (or Hugging Face generate) for another model."""
+        config = self.config
+        if engine is None and model is self.student:
+            engine = self.engine
+        elif engine is None:
+            engine = make_engine("hf", model, self.tokenizer, batch_size=config.rollout_batch_size)
+        settings = SamplingSettings(
+            eos_ids=tuple(self.eos_ids),
             max_new_tokens=config.max_new_tokens,
             temperature=temperature,
             top_p=top_p,
-            batch_size=config.rollout_batch_size,
             vocab_limit=self.vocab,
         )
+        engine.wake()
+        try:
+            return sample_examples(
+                engine,
+                self.tokenizer,
+                examples,
+                repeats=repeats,
+                template=config.prompt_template,
+                settings=settings,
+            )
+        finally:
+            engine.sleep()  # the trainer's turn: the engine's memory back where vLLM allows
 
     def accuracy(self, model, examples: list[Example]) -> float:
         """avg@n accuracy at the evaluation temperature / top-p."""
@@ -196,8 +233,18 @@ class Trainer:
             self.loss_settings,
             reduction="sum" if config.reduction == "token_mean" else "seq_mean_token_sum",
             loss_fn=self.loss_fn,
+            rollout_temperature=config.rollout_temperature,
+            is_cap=config.rollout_is_cap or None,
         )
         timers["teacher"] += scored.teacher_seconds
+        if scored.train_log_probs is not None:
+            self.gap.add(
+                scored.train_log_probs,
+                batch.engine_log_probs[:, 1:],
+                scored.response_mask,
+                scored.is_weights,
+                config.rollout_is_cap or None,
+            )
         output = scored.output
         if config.reduction == "token_mean":
             scaled = output.loss / max(total_tokens, 1)
@@ -207,7 +254,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         config = self.config
-        timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0}
+        timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0, "sync": 0.0}
         started = time.perf_counter()
         batch, examples = self.rollouts()
         timers["rollout"] = time.perf_counter() - started
@@ -219,6 +266,7 @@ class Trainer:
         total_tokens = int(batch.response_mask[:, 1:].sum())
         sequences = batch.input_ids.shape[0]
         step_metrics = StepMetrics()
+        self.gap = OffPolicyGap()
         profile = PositionProfile(span=config.max_new_tokens)
         loss_value = 0.0
         for start in range(0, sequences, config.micro_batch_size):
@@ -244,10 +292,14 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         timers["train"] = time.perf_counter() - started - timers["teacher"]
+        started = time.perf_counter()
+        self.engine.sync_weights(self.student)  # the next rollouts sample the new weights
+        timers["sync"] = time.perf_counter() - started
         self.step += 1
 
         record = {"kind": "train", "step": self.step, "loss": loss_value}
         record.update(step_metrics.means())
+        record.update(self.gap.means())
         record["position_profile"] = profile.means()
         tokens = batch.num_response_tokens
         record.update(
@@ -259,6 +311,7 @@ class Trainer:
             rollout_tokens_per_s=tokens / max(timers["rollout"], 1e-9),
             teacher_tokens_per_s=tokens / max(timers["teacher"], 1e-9),
             train_tokens_per_s=tokens / max(timers["train"], 1e-9),
+            weight_sync_seconds=timers["sync"],
             step_seconds=sum(timers.values()),
             peak_memory_mib=peak_memory_mib(self.device),
         )
@@ -280,14 +333,23 @@ class Trainer:
             lr=config.cold_start_lr,
             seed=config.seed,
         )
-        report = cold_start(
-            self.pair,
-            self.train_examples,
-            config.prompt_template,
-            settings,
-            os.path.join(config.run_dir, "cold_start_model"),
-            progress=config.progress,
-        )
+        teacher_engine = None
+        if self.teacher.local_model is not None:
+            teacher_engine = self.engine_for(self.teacher.local_model, self.paths["teacher"])
+        try:
+            report = cold_start(
+                self.pair,
+                self.train_examples,
+                config.prompt_template,
+                settings,
+                os.path.join(config.run_dir, "cold_start_model"),
+                progress=config.progress,
+                engine=teacher_engine,
+            )
+        finally:
+            if teacher_engine is not None:
+                teacher_engine.close()
+        self.engine.sync_weights(self.student)  # OPD starts from the fine-tuned student
         self.log.write(
             {
                 "kind": "cold_start",
@@ -296,6 +358,10 @@ class Trainer:
             }
         )
         return report
+
+    def close(self) -> None:
+        """Free the rollout engine (a vLLM engine's memory and state)."""
+        self.engine.close()
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -331,6 +397,7 @@ class Trainer:
             return False
         checkpoint = ckpt.load_checkpoint(path)
         ckpt.load_weights(self.student, checkpoint.model_dir)
+        self.engine.sync_weights(self.student)
         state = checkpoint.trainer_state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -461,4 +528,8 @@ def train(
         config = make_config(config or {})
     else:
         config.validate()
-    return Trainer(config, teacher=teacher).run(resume=resume)
+    trainer = Trainer(config, teacher=teacher)
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        trainer.close()
