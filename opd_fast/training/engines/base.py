@@ -1,4 +1,4 @@
-"""The rollout-engine interface and its factory.
+"""The rollout-engine interface.
 
 An engine samples responses to token-id prompts with the trainer's sampling settings and
 returns a RolloutBatch: token ids, texts, truncation flags and the engine's log-prob of every
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_fast.training.config import ENGINE_NAMES as ENGINES
 from opd_fast.training.data import Example, render_prompt
 from opd_fast.training.rollout import RolloutBatch, encode_prompts
 
@@ -69,44 +68,6 @@ class RolloutEngine:
 
     def close(self) -> None:
         """Free everything the engine holds."""
-
-
-def make_engine(
-    kind: str,
-    model: torch.nn.Module,
-    tokenizer,
-    *,
-    model_path: str | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    max_model_len: int | None = None,
-    max_num_seqs: int | None = None,
-) -> RolloutEngine:
-    """The engine `kind` names, sampling `model` (its tokenizer `tokenizer`).
-
-    model_path: the directory `model` was loaded from (vLLM builds its engine from it, then
-    takes the in-memory weights). batch_size: sequences per HF generate call. seed: the run's
-    seed (vLLM's engine seed). max_model_len / max_num_seqs: vLLM's bounds (prompt plus
-    response tokens; sequences in flight).
-    """
-    if kind == "hf":
-        from opd_fast.training.engines.hf import HFEngine
-
-        return HFEngine(model, tokenizer, batch_size=batch_size)
-    if kind == "vllm":
-        from opd_fast.training.engines.vllm import VLLMEngine
-
-        if model_path is None:
-            raise ValueError("the vllm rollout engine needs the model's directory (model_path)")
-        return VLLMEngine(
-            model,
-            tokenizer,
-            model_path=model_path,
-            seed=seed,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-        )
-    raise ValueError(f"rollout_engine must be one of {ENGINES}, got {kind!r}")
 
 
 def sample_examples(
