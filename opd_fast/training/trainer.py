@@ -158,13 +158,14 @@ class Trainer:
             max_num_seqs=config.rollout_batch_size,
         )
 
-    def sample(self, model, examples: list[Example], repeats: int, temperature, top_p, engine=None):
-        """`repeats` responses of `model` to each example, as the config samples them: with
-        the student's engine, or `engine` (or Hugging Face generate) for another model."""
+    def sample(self, model, examples: list[Example], repeats: int, temperature, top_p):
+        """`repeats` responses of `model` to each example, as the config samples them: the
+        student's through its rollout engine, another model's (the teacher's, evaluated once
+        as a reference) with Hugging Face generate."""
         config = self.config
-        if engine is None and model is self.student:
+        if model is self.student:
             engine = self.engine
-        elif engine is None:
+        else:
             engine = make_engine("hf", model, self.tokenizer, batch_size=config.rollout_batch_size)
         settings = SamplingSettings(
             eos_ids=tuple(self.eos_ids),
