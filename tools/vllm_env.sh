@@ -26,13 +26,13 @@ tar -C "$REPO" --exclude=./.git --exclude=./build --exclude='./.*venv*' --exclud
   --exclude=./runs -cf - . | tar -C "$COPY" -xf -
 OPD_FAST_SKIP_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-2}" \
   "$VENV/bin/pip" install -q --no-build-isolation --no-deps "$COPY"
-"$VENV/bin/python" -c "import vllm, opd_fast; print('vllm', vllm.__version__, 'opd_fast', opd_fast.__file__)"
 
-if [ "${OPD_FAST_VLLM_SETUP_ONLY:-0}" = 1 ]; then
-  exit 0
-fi
 # From outside the checkout, so that `opd_fast` is the copy built for this torch.
 cd "$COPY"
 rm -rf opd_fast
+"$VENV/bin/python" -c "import vllm, opd_fast; print('vllm', vllm.__version__, 'opd_fast', opd_fast.__file__, opd_fast.build_info())"
+if [ "${OPD_FAST_VLLM_SETUP_ONLY:-0}" = 1 ]; then
+  exit 0
+fi
 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   python_tests/test_vllm_engine.py python_tests/test_openai_teacher_vllm.py
