@@ -7,6 +7,8 @@
 # 4. training smoke run: two tiny random Qwen3 models in bf16, 8 OPD steps, tokens/s of rollout,
 #    teacher scoring and training (bench/train_smoke.py); then the same on one rank under
 #    torchrun: the FSDP2 path (fp32 master weights, bf16 compute, sharded checkpoint at the end)
+# 4b. rollout tokens/s of the hf and vllm engines, small random Qwen3 in bf16 (bench_rollout.py;
+#    vllm skipped with a message when it is not installed)
 # 5. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
 #    opd_fast vs eager reference vs eager_careful vs torch.compile(reference); baselines that
 #    would not fit in GPU memory or in the time left are skipped (the JSON says why)
@@ -91,6 +93,18 @@ run_step train_smoke 90 "$PYTHON" bench/train_smoke.py --device cuda --out "$OUT
 run_step train_smoke_fsdp2 120 "$PYTHON" -m torch.distributed.run --standalone \
     --nproc-per-node 1 bench/train_smoke.py --device cuda --out "$OUT/train-smoke-fsdp2.json"
 
+# 4b. rollout tokens/s of both engines: a small random Qwen3 in bf16, 256 sequences x 128 tokens
+ROLLOUT_ARGS=(--model random-qwen3 --hidden 1024 --layers 8 --device cuda --dtype bfloat16
+    --max-new-tokens 128 --rounds 3 --out "$OUT/rollout-gpu.json")
+run_step rollout_hf 120 "$PYTHON" bench/bench_rollout.py --engine hf "${ROLLOUT_ARGS[@]}"
+if "$PYTHON" -c "import vllm" 2> /dev/null; then
+    run_step rollout_vllm 180 "$PYTHON" bench/bench_rollout.py --engine vllm "${ROLLOUT_ARGS[@]}"
+else
+    echo "=== rollout_vllm: vLLM is not installed for $PYTHON, skipped (pip install vllm)"
+    STEPS+=("rollout_vllm(no vllm)")
+    CODES+=("skipped")
+fi
+
 # 5. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
 BENCH_LIMIT=$((TOTAL_BUDGET_S - $(elapsed)))
 if ((BENCH_LIMIT < 90)); then BENCH_LIMIT=90; fi
@@ -119,6 +133,10 @@ run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
     if [[ -f "$OUT/train-smoke-fsdp2.json" ]]; then
         echo "--- train smoke, FSDP2 on one rank"
         cat "$OUT/train-smoke-fsdp2.json"
+    fi
+    if [[ -f "$OUT/rollout-gpu.json" ]]; then
+        echo "--- rollout tokens/s"
+        grep -h '^\(hf\|vllm\): ' "$OUT/rollout_hf.log" "$OUT/rollout_vllm.log" 2> /dev/null || true
     fi
     if [[ -f "$OUT/bench.log" ]]; then
         echo "--- bench"

@@ -43,7 +43,12 @@ import logging
 import math
 
 from opd_fast.teachers.base import PayloadScoring
-from opd_fast.teachers.http import HttpTransport, RetryPolicy, TeacherProtocolError
+from opd_fast.teachers.http import (
+    HttpTransport,
+    RetryPolicy,
+    TeacherProtocolError,
+    TeacherRequestError,
+)
 from opd_fast.teachers.payload_batch import PayloadBatch
 
 logger = logging.getLogger("opd_fast.teachers")
@@ -128,7 +133,6 @@ class OpenAITeacher(PayloadScoring):
         """Raise ValueError unless the engine tokenizes a probe text (words spread over the
         student's vocabulary) as the student's tokenizer does. Uses vLLM's /tokenize (at the
         server root, or tokenize_url); an engine without it gets a warning, not an error."""
-        from opd_fast.teachers.http import TeacherRequestError
 
         url = tokenize_url or self.url.removesuffix("/v1") + "/tokenize"
         special = set(tokenizer.all_special_ids)
@@ -205,7 +209,18 @@ class OpenAITeacher(PayloadScoring):
 
     def _score(self, prompts: list[list[int]], count: int) -> list[list[dict[int, float]]]:
         body = json.dumps(self._body(prompts, count)).encode()
-        _, answer = self.transport.request("POST", "/completions", body, "application/json")
+        try:
+            _, answer = self.transport.request("POST", "/completions", body, "application/json")
+        except TeacherRequestError as error:
+            if error.status == 400 and "logprobs" in error.message and str(count) in error.message:
+                raise TeacherRequestError(
+                    error.status,
+                    f"{error.message} -- the engine returns fewer log-probs per position than "
+                    f"the {count} asked for: start it with a larger cap (vLLM: --max-logprobs "
+                    f"{count}) or lower top_logprobs (>= k)",
+                    self.url,
+                ) from None
+            raise
         try:
             choices = sorted(json.loads(answer)["choices"], key=lambda c: c.get("index", 0))
         except (ValueError, KeyError, TypeError):

@@ -17,9 +17,10 @@ import torch
 
 from opd_fast.models.vocabulary import eos_token_ids
 from opd_fast.training.data import Example
+from opd_fast.training.engines import SamplingSettings, make_engine
+from opd_fast.training.engines.base import RolloutEngine, sample_examples
 from opd_fast.training.grading import is_correct
 from opd_fast.training.pair import Pair
-from opd_fast.training.rollout import sample
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,23 @@ def teacher_responses(
     eos_ids: list[int],
     settings: SFTSettings,
     vocab_limit: int | None = None,
+    engine: RolloutEngine | None = None,
 ) -> TeacherData:
     """Sample and filter teacher responses to `examples`; vocab_limit: the shared vocabulary
-    (the teacher must not emit ids the student cannot read)."""
-    batch, repeated = sample(
-        teacher,
+    (the teacher must not emit ids the student cannot read); engine: the rollout engine that
+    samples the teacher (default: Hugging Face generate on `teacher`)."""
+    batch, repeated = sample_examples(
+        engine or make_engine("hf", teacher, tokenizer),
         tokenizer,
         examples,
         repeats=settings.responses_per_prompt,
         template=template,
-        eos_ids=eos_ids,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        vocab_limit=vocab_limit,
+        settings=SamplingSettings(
+            eos_ids=tuple(eos_ids),
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            vocab_limit=vocab_limit,
+        ),
     )
     pairs, truncated, repetitive, incorrect = [], 0, 0, 0
     for row, example in enumerate(repeated):
@@ -151,10 +156,11 @@ def cold_start(
     settings: SFTSettings,
     out_dir: str,
     progress: bool = True,
+    engine: RolloutEngine | None = None,
 ) -> dict:
     """Teacher responses -> filter -> SFT the pair's student in place -> save it to out_dir.
     Returns a report (also written to out_dir/cold_start.json). The teacher samples, so it
-    must be in this process."""
+    must be in this process. engine: what samples the teacher (default: Hugging Face generate)."""
     teacher = pair.teacher.local_model
     if teacher is None:
         raise ValueError(
@@ -164,7 +170,14 @@ def cold_start(
     student, tokenizer = pair.student, pair.tokenizer
     eos_ids = eos_token_ids(tokenizer, teacher)
     data = teacher_responses(
-        teacher, tokenizer, examples, template, eos_ids, settings, vocab_limit=pair.vocab
+        teacher,
+        tokenizer,
+        examples,
+        template,
+        eos_ids,
+        settings,
+        vocab_limit=pair.vocab,
+        engine=engine,
     )
     losses = sft(student, tokenizer, data.pairs, settings, progress=progress)
     temporary = out_dir.rstrip("/") + f".tmp-{os.getpid()}"

@@ -22,6 +22,9 @@ from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
 from opd_fast.training.loggers import parse_loggers
 
+# The rollout engines (opd_fast.training.engines; named here, imported only when built).
+ENGINE_NAMES = ("hf", "vllm")
+
 # (keys, the test every one of them must pass, how the error states it). Every number is also
 # checked to be finite and of its field's type before these run (see _check_type).
 _BOUNDS = (
@@ -42,7 +45,14 @@ _BOUNDS = (
         ">= 1",
     ),
     (
-        ("eval_every", "checkpoint_every", "warmup_steps", "eval_max_prompts", "cold_start_steps"),
+        (
+            "eval_every",
+            "checkpoint_every",
+            "warmup_steps",
+            "eval_max_prompts",
+            "cold_start_steps",
+            "rollout_is_cap",
+        ),
         lambda value: value >= 0,
         ">= 0",
     ),
@@ -71,6 +81,7 @@ _CHOICES = {
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "reduction": ("token_mean", "seq_mean_token_sum"),
     "lr_schedule": ("constant", "cosine", "linear"),
+    "rollout_engine": ENGINE_NAMES,
 }
 
 # auto | cpu | cuda | cuda:N (whether that device exists is checked when models are placed).
@@ -104,6 +115,8 @@ class TrainConfig:
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
     rollout_batch_size: int = 64  # sequences generated at once
+    rollout_engine: str = "hf"  # hf (Hugging Face generate) | vllm (pip install "opd_fast[vllm]")
+    rollout_is_cap: float = 0.0  # > 0: weight token losses by min(pi_train / pi_engine, cap)
 
     # Loss (the fused op).
     k: int = 16

@@ -28,8 +28,16 @@ from opd_fast.toy import resolve_toy
 from opd_fast.training import checkpoint as ckpt
 from opd_fast.training import sharded_checkpoint
 from opd_fast.training.config import TrainConfig, make_config
-from opd_fast.training.data import Example, PromptSampler, check_prompt_lengths, load_examples
+from opd_fast.training.data import (
+    Example,
+    PromptSampler,
+    check_prompt_lengths,
+    load_examples,
+    render_prompt,
+)
 from opd_fast.training.distributed import Distributed, clip_grad_norm, teacher_url_for_rank
+from opd_fast.training.engines import RolloutEngine, SamplingSettings, make_engine
+from opd_fast.training.engines.base import sample_examples
 from opd_fast.training.grading import is_correct
 from opd_fast.training.loggers import open_run_log
 from opd_fast.training.metrics import (
@@ -38,9 +46,10 @@ from opd_fast.training.metrics import (
     summarise,
     write_json,
 )
+from opd_fast.training.off_policy import OffPolicyGap
 from opd_fast.training.pair import load_pair
 from opd_fast.training.plots import plot_dynamics
-from opd_fast.training.rollout import RolloutBatch, sample
+from opd_fast.training.rollout import RolloutBatch, encode_prompts
 from opd_fast.training.scoring import LossSettings, score_batch
 
 
@@ -89,6 +98,11 @@ class Trainer:
         dist.split(range(config.prompts_per_step))  # refuse an uneven split before loading
         if dist.active and config.cold_start_steps:
             raise ValueError("config: cold_start_steps is not supported in a multi-rank run yet")
+        if dist.active and config.rollout_engine != "hf":  # the weight sync gathers no shards
+            raise ValueError(
+                f"config: rollout_engine {config.rollout_engine} is not supported in a "
+                "multi-rank run yet; use rollout_engine: hf"
+            )
         seed_everything(config.seed + dist.rank)  # each rank samples its own rollouts
         spec = TeacherSpec.from_config(config)
         spec = replace(spec, url=teacher_url_for_rank(spec.url, dist.rank))
@@ -138,6 +152,10 @@ class Trainer:
                 examples, config.prompt_template, self.tokenizer, config.max_new_tokens, positions
             )
         self.sampler = PromptSampler(self.train_examples, config.seed)
+        # The student's sampler: rollouts and evaluation (vllm: refused here, before any step,
+        # when it is not installed or cannot run the student's architecture).
+        self.engine = self.engine_for(self.student, self.paths["student"])
+        self.gap = OffPolicyGap()  # this step's engine-vs-trainer log-prob gap
         self.optimizer = torch.optim.AdamW(
             self.student.parameters(),
             lr=config.lr,
@@ -152,22 +170,53 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------
 
-    def sample(self, model, examples: list[Example], repeats: int, temperature, top_p):
-        """`repeats` responses of `model` to each example, as the config samples them."""
+    def engine_for(self, model, model_path: str) -> RolloutEngine:
+        """A config.rollout_engine engine sampling `model` (loaded from `model_path`)."""
         config = self.config
-        return sample(
+        prompts = [
+            render_prompt(example, config.prompt_template, self.tokenizer)
+            for example in self.train_examples + self.eval_examples
+        ]
+        longest_prompt = max(len(ids) for ids in encode_prompts(self.tokenizer, prompts))
+        return make_engine(
+            config.rollout_engine,
             model,
             self.tokenizer,
-            examples,
-            repeats=repeats,
-            template=config.prompt_template,
-            eos_ids=self.eos_ids,
+            model_path=model_path,
+            batch_size=config.rollout_batch_size,
+            seed=config.seed,
+            max_model_len=longest_prompt + config.max_new_tokens,
+            max_num_seqs=config.rollout_batch_size,
+        )
+
+    def sample(self, model, examples: list[Example], repeats: int, temperature, top_p):
+        """`repeats` responses of `model` to each example, as the config samples them: the
+        student's through its rollout engine, another model's (the teacher's, evaluated once
+        as a reference) with Hugging Face generate."""
+        config = self.config
+        if model is self.student:
+            engine = self.engine
+        else:
+            engine = make_engine("hf", model, self.tokenizer, batch_size=config.rollout_batch_size)
+        settings = SamplingSettings(
+            eos_ids=tuple(self.eos_ids),
             max_new_tokens=config.max_new_tokens,
             temperature=temperature,
             top_p=top_p,
-            batch_size=config.rollout_batch_size,
             vocab_limit=self.vocab,
         )
+        engine.wake()
+        try:
+            return sample_examples(
+                engine,
+                self.tokenizer,
+                examples,
+                repeats=repeats,
+                template=config.prompt_template,
+                settings=settings,
+            )
+        finally:
+            engine.sleep()  # the trainer's turn: the engine's memory back where vLLM allows
 
     def accuracy(self, model, examples: list[Example]) -> float:
         """avg@n accuracy at the evaluation temperature / top-p (split over ranks)."""
@@ -220,8 +269,18 @@ class Trainer:
             self.loss_settings,
             reduction="sum" if config.reduction == "token_mean" else "seq_mean_token_sum",
             loss_fn=self.loss_fn,
+            rollout_temperature=config.rollout_temperature,
+            is_cap=config.rollout_is_cap or None,
         )
         timers["teacher"] += scored.teacher_seconds
+        if scored.train_log_probs is not None:
+            self.gap.add(
+                scored.train_log_probs,
+                batch.engine_log_probs[:, 1:],
+                scored.response_mask,
+                scored.is_weights,
+                config.rollout_is_cap or None,
+            )
         output = scored.output
         if config.reduction == "token_mean":
             scaled = output.loss / max(total_tokens, 1)
@@ -231,7 +290,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         config = self.config
-        timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0}
+        timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0, "sync": 0.0}
         started = time.perf_counter()
         batch, examples = self.rollouts()
         timers["rollout"] = time.perf_counter() - started
@@ -247,6 +306,7 @@ class Trainer:
             [int(batch.response_mask[:, 1:].sum()), sequences]
         )
         step_metrics = StepMetrics()
+        self.gap = OffPolicyGap()
         profile = PositionProfile(span=config.max_new_tokens)
         loss_value = 0.0
         for start in range(0, sequences, config.micro_batch_size):
@@ -270,6 +330,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         timers["train"] = time.perf_counter() - started - timers["teacher"]
+        started = time.perf_counter()
+        self.engine.sync_weights(self.student)  # the next rollouts sample the new weights
+        timers["sync"] = time.perf_counter() - started
         self.step += 1
 
         # Over ranks: sums of tokens and token-weighted metric sums, the slowest rank's times.
@@ -280,6 +343,7 @@ class Trainer:
         timers = self.dist.max(timers)
         record = {"kind": "train", "step": self.step, "loss": loss_value}
         record.update(step_metrics.means())
+        record.update(self.gap.means())
         record["position_profile"] = profile.means()
         record.update(
             grad_norm=grad_norm,
@@ -290,6 +354,7 @@ class Trainer:
             rollout_tokens_per_s=tokens / max(timers["rollout"], 1e-9),
             teacher_tokens_per_s=tokens / max(timers["teacher"], 1e-9),
             train_tokens_per_s=tokens / max(timers["train"], 1e-9),
+            weight_sync_seconds=timers["sync"],
             step_seconds=sum(timers.values()),
             peak_memory_mib=self.dist.max({"peak": peak_memory_mib(self.device)})["peak"],
         )
@@ -311,14 +376,23 @@ class Trainer:
             lr=config.cold_start_lr,
             seed=config.seed,
         )
-        report = cold_start(
-            self.pair,
-            self.train_examples,
-            config.prompt_template,
-            settings,
-            os.path.join(config.run_dir, "cold_start_model"),
-            progress=config.progress,
-        )
+        teacher_engine = None
+        if self.teacher.local_model is not None:
+            teacher_engine = self.engine_for(self.teacher.local_model, self.paths["teacher"])
+        try:
+            report = cold_start(
+                self.pair,
+                self.train_examples,
+                config.prompt_template,
+                settings,
+                os.path.join(config.run_dir, "cold_start_model"),
+                progress=config.progress,
+                engine=teacher_engine,
+            )
+        finally:
+            if teacher_engine is not None:
+                teacher_engine.close()
+        self.engine.sync_weights(self.student)  # OPD starts from the fine-tuned student
         self.log.write(
             {
                 "kind": "cold_start",
@@ -327,6 +401,10 @@ class Trainer:
             }
         )
         return report
+
+    def close(self) -> None:
+        """Free the rollout engine (a vLLM engine's memory and state)."""
+        self.engine.close()
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -380,6 +458,7 @@ class Trainer:
                 )
             ckpt.load_weights(self.student, checkpoint.model_dir)
             self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.sync_weights(self.student)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
@@ -526,4 +605,8 @@ def train(
         config = make_config(config or {})
     else:
         config.validate()
-    return Trainer(config, teacher=teacher).run(resume=resume)
+    trainer = Trainer(config, teacher=teacher)
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        trainer.close()

@@ -1,0 +1,90 @@
+"""The rollout-engine interface.
+
+An engine samples responses to token-id prompts with the trainer's sampling settings and
+returns a RolloutBatch: token ids, texts, truncation flags and the engine's log-prob of every
+sampled token (under the distribution it sampled from), which the trainer compares with its
+own (the off-policy gap). An engine that holds its own copy of the weights (vLLM) receives the
+student's after every optimizer step (`sync_weights`) and may release its memory while the
+trainer runs (`sleep` / `wake`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_fast.training.data import Example, render_prompt
+from opd_fast.training.rollout import RolloutBatch, encode_prompts
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot run here (its package is missing, or the model is not supported)."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled: no top-k, no repetition penalty, ever (those would make the
+    rollouts off-policy); ids at or past vocab_limit are never sampled (a padded embedding
+    table's extra rows)."""
+
+    eos_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    vocab_limit: int | None = None
+    greedy: bool = False
+
+
+class RolloutEngine:
+    """Samples responses for prompts. Subclasses implement `generate`; engines with their own
+    copy of the weights also `sync_weights`, and may `sleep`/`wake`."""
+
+    name = "engine"
+    holds_weights = False  # True: sync_weights after every optimizer step
+    seeded = False  # True: generate takes a seed per prompt (drawn from torch's generator)
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        settings: SamplingSettings,
+        *,
+        seeds: list[int] | None = None,
+        example_index: list[int] | None = None,
+    ) -> RolloutBatch:
+        """One response per prompt (repeat prompts for several). seeds: one per prompt, for
+        engines that seed each request (vLLM); the HF engine draws from torch's generator."""
+        raise NotImplementedError
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load `model`'s current weights into the engine (no-op for an engine that samples
+        the model itself)."""
+
+    def sleep(self) -> None:
+        """Release the engine's memory while the trainer works (where the engine can)."""
+
+    def wake(self) -> None:
+        """Undo `sleep` before the next generate."""
+
+    def close(self) -> None:
+        """Free everything the engine holds."""
+
+
+def sample_examples(
+    engine: RolloutEngine,
+    tokenizer,
+    examples: list[Example],
+    *,
+    repeats: int,
+    template: str,
+    settings: SamplingSettings,
+) -> tuple[RolloutBatch, list[Example]]:
+    """`repeats` responses to each example with `engine`: repeat, render with the prompt
+    template, encode, generate. A seeded engine gets one seed per sequence from torch's
+    generator, so a run's seed (and a resumed run's restored generator) fixes its samples.
+    Returns the batch and the example each sequence answers."""
+    repeated = [example for example in examples for _ in range(repeats)]
+    prompts = [render_prompt(example, template, tokenizer) for example in repeated]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist() if engine.seeded else None
+    return engine.generate(prompt_ids, settings, seeds=seeds), repeated
