@@ -76,7 +76,7 @@ from machine import git_info, machine_info  # bench/machine.py
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("opd_fast", "careful", "careful_compile", "reference", "floor")
+IMPLS = ("opd_fast", "floor", "careful", "careful_compile", "reference")
 BASELINES = ("careful", "careful_compile", "reference")
 MODES = ("fwd", "fwd_bwd")
 DEFAULT_PEAK_GBPS = {"cpu": 28.0, "cuda": 3350.0}

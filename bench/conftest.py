@@ -14,7 +14,7 @@ DEFAULTS = {
     "vocab": "32768",
     "dtypes": "fp32,bf16",
     "modes": "fwd_bwd",
-    "impls": "opd_fast,careful,careful_compile,reference,floor",
+    "impls": "opd_fast,floor,careful,careful_compile,reference",
     "variant": "student_topk",
     "estimator": "pg",
     "k": "16",
