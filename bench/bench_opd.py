@@ -275,7 +275,7 @@ def run_impl(spec):
             "status": "ok",
             "competing_load": spec["competing_load"],
             "loadavg_1m_before": os.getloadavg()[0],
-            "others_busy_cores": others_busy_cores(),
+            "others_busy_cores": others_busy_cores(args.busy_window_s),
         }
         if fingerprint:
             row["extension_sha256"] = fingerprint
@@ -392,7 +392,7 @@ def _busy_and_total_jiffies():
     return sum(fields) - idle, sum(fields)
 
 
-def others_busy_cores(window_s=1.0):
+def others_busy_cores(window_s):
     """Cores kept busy during the next `window_s` seconds, while this process sleeps: what
     other processes use right now (the 1-min load average also remembers this benchmark's own
     previous rows)."""
@@ -783,6 +783,12 @@ def parse_args(argv=None):
         help="rerun a configuration that started above --quiet-load at most this often",
     )
     parser.add_argument(
+        "--busy-window-s",
+        type=float,
+        default=1.0,
+        help="before each row, sleep this long to measure the cores other processes use",
+    )
+    parser.add_argument(
         "--competing-load",
         default="off",
         choices=("off", "on", "both"),
@@ -829,8 +835,8 @@ def parse_args(argv=None):
         args.peak_gbps = DEFAULT_PEAK_GBPS[args.device]
     if args.isolate is None:
         args.isolate = not cuda
-    if args.load_retries < 0 or args.settle_s < 0:
-        parser.error("--load-retries and --settle-s must not be negative")
+    if args.load_retries < 0 or args.settle_s < 0 or args.busy_window_s <= 0:
+        parser.error("--load-retries and --settle-s must be >= 0, --busy-window-s > 0")
     if args.competing_load != "off" and not 0 <= args.competing_core < (os.cpu_count() or 1):
         parser.error(f"--competing-core {args.competing_core} is not a core of this machine")
     try:
@@ -874,7 +880,8 @@ def run_quietly(spec, args, device):
         attempts.append((start_load, result))
         if start_load <= args.quiet_load or any(row["status"] != "ok" for row in result):
             break
-        print(f"    started at load {start_load:.2f} > {args.quiet_load}: rerunning", flush=True)
+        if len(attempts) <= args.load_retries:
+            print(f"    started at load {start_load:.2f} > {args.quiet_load}: again", flush=True)
     start_load, result = min(attempts, key=lambda attempt: attempt[0])
     for row in result:
         row["attempts"] = len(attempts)

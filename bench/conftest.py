@@ -21,10 +21,13 @@ DEFAULTS = {
 }
 
 
+LIST_OPTIONS = ("n", "dtypes", "modes", "impls")
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("opd", "opd_fast benchmark cases")
     for name, default in DEFAULTS.items():
-        many = "," in default or name in ("n", "dtypes", "modes", "impls")
+        many = name in LIST_OPTIONS
         group.addoption(
             f"--opd-{name}",
             default=default,
