@@ -64,8 +64,10 @@ import gc
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,8 +95,15 @@ PRIOR_BYTES_PER_ELEMENT = {
 # The issue's targets for opd_fast fwd_bwd (issue 14): quiet, and with one core busy.
 TARGET_VS_CAREFUL, TARGET_VS_COMPILE, TARGET_X_FLOOR = 6.0, 3.0, 1.3
 TARGET_VS_CAREFUL_UNDER_LOAD = 4.0
-# Busy-spinning competitor: started pinned to one core, killed after the configuration.
-SPIN_CODE = "while True:\n    pass\n"
+# Busy-spinning competitor: started pinned to one core, killed after the configuration; it
+# also stops by itself once its parent is gone (a benchmark killed with SIGKILL).
+SPIN_CODE = (
+    "import os\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(1_000_000):\n"
+    "        pass\n"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -906,6 +915,10 @@ def print_rows(impl, rows, dtype, result):
         )
 
 
+def _exit_on_sigterm(signum, frame):
+    sys.exit(128 + signum)  # unwinds: the competing load and the worker are stopped
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.report is not None:
@@ -917,6 +930,8 @@ def main(argv=None):
         return 0
     import opd_fast
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but torch.cuda.is_available() is False")
