@@ -9,9 +9,10 @@
 #    torchrun: the FSDP2 path (fp32 master weights, bf16 compute, sharded checkpoint at the end)
 # 4b. rollout tokens/s of the hf and vllm engines, small random Qwen3 in bf16 (bench_rollout.py;
 #    vllm skipped with a message when it is not installed)
-# 5. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
-#    opd_fast vs eager reference vs eager_careful vs torch.compile(reference); baselines that
-#    would not fit in GPU memory or in the time left are skipped (the JSON says why)
+# 5. GPU benchmark: bf16 and fp32, N in {1024, 8192}, V=151,936, k=16, fwd_bwd and fwd,
+#    opd_fast vs careful eager vs torch.compile(careful eager) vs the machine's floor (and the
+#    reference, secondary); baselines that would not fit in GPU memory or in the time left are
+#    skipped (the JSON says why)
 # Each step has its own timeout and a failed step does not stop the next; the whole run stays
 # within TOTAL_BUDGET_S (default 420 s = 7 min): the benchmark gets what the earlier steps left.
 # Logs and the JSON go to $OUT (default bench/results/gpu-local); a summary is printed last.
@@ -109,9 +110,10 @@ fi
 BENCH_LIMIT=$((TOTAL_BUDGET_S - $(elapsed)))
 if ((BENCH_LIMIT < 90)); then BENCH_LIMIT=90; fi
 run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
-    --n 1024 8192 32768 --dtypes bf16 --vocab 151936 --k 16 \
-    --variant student_topk --estimator pg --modes fwd fwd_bwd \
-    --impls opd_fast eager eager_careful compile \
+    --n 1024 8192 --dtypes bf16 fp32 --vocab 151936 --k 16 \
+    --variant student_topk --estimator pg --modes fwd_bwd fwd \
+    --impls opd_fast careful careful_compile floor reference \
+    --settle-s 0 --load-retries 0 \
     --peak-gbps "$PEAK_GBPS" --time-budget-s $((BENCH_LIMIT - 45)) \
     --out "$OUT/bench-gpu.json"
 

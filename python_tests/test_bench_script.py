@@ -1,0 +1,61 @@
+"""bench/bench_opd.py's bookkeeping on a tiny shape: every implementation runs and agrees on the
+loss, the ratios land on the opd_fast rows under the same load, a configuration that never
+starts quiet is retried a bounded number of times and marked, and the competing load is a
+process pinned to one core that is gone after its block."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_opd  # noqa: E402  (bench/ is not a package)
+
+
+def run_bench(tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    argv = [
+        "--n", "4", "--vocab", "256", "--dtypes", "fp32", "--modes", "fwd_bwd",
+        "--impls", "opd_fast", "floor", "careful", "reference",
+        "--repeats", "2", "--baseline-repeats", "2", "--slow-repeats", "2", "--warmup", "0",
+        "--no-isolate", "--settle-s", "0", "--busy-window-s", "0.05", "--out", str(out), *extra,
+    ]  # fmt: skip
+    assert bench_opd.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_rows_ratios_and_retries(tmp_path):
+    document = run_bench(tmp_path, "--quiet-load", "-1", "--load-retries", "1")
+    rows = document["rows"]
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows), rows
+    # a load average never reaches -1: every configuration ran twice and says so
+    assert all(row["attempts"] == 2 and row["quiet_start"] is False for row in rows)
+    for row in rows:
+        if row["impl"] != "opd_fast":
+            continue
+        for base in ("careful", "reference"):
+            assert row[f"speedup_vs_{base}"] > 0
+            assert row[f"loss_diff_vs_{base}"] < 1e-5, (base, row)
+        assert row["x_floor"] > 0
+    targets = document["targets"]
+    assert [t["meets_vs_careful"] is not None for t in targets] == [True]
+    assert targets[0]["meets_vs_careful_compile"] is None  # not measured: no verdict
+    table = bench_opd.markdown_table(document)
+    assert table.count("\n") == 1 + len(rows) and "!" in table  # never-quiet rows are marked
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
+def test_competing_load_is_pinned_and_stopped(tmp_path):
+    with bench_opd.CompetingLoad(0) as load:
+        process = load.process
+        assert os.sched_getaffinity(process.pid) == {0}
+        assert process.poll() is None
+    assert process.poll() is not None
+    document = run_bench(tmp_path, "--competing-load", "both", "--impls", "opd_fast", "careful")
+    loaded = [row for row in document["rows"] if row["competing_load"]]
+    assert len(loaded) == 2 and all(row["slowdown_under_load"] > 0 for row in loaded)
+    assert all("speedup_vs_careful" in r for r in document["rows"] if r["impl"] == "opd_fast")
