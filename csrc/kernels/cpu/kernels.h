@@ -27,6 +27,8 @@ struct ForwardOutputs {
   void* student_lse;   // (N,)
   void* teacher_lse;   // (N,) (0 in the sparse-teacher form)
   void* grad_scale;    // (N,)  C
+  void* student_max;       // (N,) max_j z_j, raw
+  void* student_log_norm;  // (N,) log sum_j exp((z_j - max) / tau)
   int64_t* sparse_id;  // (N, sparse_width), -1 = unused
   void* sparse_coef;   // (N, sparse_width)
 };
@@ -84,7 +86,8 @@ struct BackwardArgs {
   double temperature;
   bool full_vocab;
   const void* grad_loss;    // (N,) accumulation type
-  const void* student_lse;  // (N,)
+  const void* student_max;       // (N,) from the forward
+  const void* student_log_norm;  // (N,) from the forward
   const void* grad_scale;   // (N,)
   const int64_t* sparse_id; // (N, sparse_width)
   const void* sparse_coef;  // (N, sparse_width)
