@@ -27,10 +27,10 @@ struct ForwardOutputs {
   void* student_lse;   // (N,)
   void* teacher_lse;   // (N,) (0 in the sparse-teacher form)
   void* grad_scale;    // (N,)  C
-  void* student_max;       // (N,) max_j z_j, raw
-  void* student_log_norm;  // (N,) log sum_j exp((z_j - max) / tau)
   int64_t* sparse_id;  // (N, sparse_width), -1 = unused
   void* sparse_coef;   // (N, sparse_width)
+  void* student_max;       // (N,) max_j z_j, raw
+  void* student_log_norm;  // (N,) log sum_j exp((z_j - max) / tau)
 };
 
 // What both forward ops read and write besides the teacher.
