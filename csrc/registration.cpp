@@ -37,11 +37,13 @@ TORCH_LIBRARY(opd_fast, m) {
       "opd_forward(Tensor student_logits, Tensor teacher_logits, Tensor? sampled_ids, "
       "Tensor? row_valid, int k, str variant, str estimator, float temperature) -> "
       "(Tensor loss, Tensor metrics, Tensor student_lse, Tensor teacher_lse, "
-      "Tensor grad_scale, Tensor sparse_id, Tensor sparse_coef)");
+      "Tensor grad_scale, Tensor sparse_id, Tensor sparse_coef, Tensor student_max, "
+      "Tensor student_log_norm)");
   // One pass over the student logits (and the teacher's for full_vocab): d loss / d z.
   m.def(
       "opd_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, "
-      "Tensor student_lse, Tensor grad_scale, Tensor sparse_id, Tensor sparse_coef, "
+      "Tensor student_max, Tensor student_log_norm, Tensor grad_scale, Tensor sparse_id, "
+      "Tensor sparse_coef, "
       "float temperature, bool full_vocab) -> Tensor");
   // Exact top-k (ties -> lower id) with log softmax(x / tau) at those ids, the row's
   // log-partition and entropy, in one pass: a teacher's payload, a student's requested ids.
@@ -57,7 +59,8 @@ TORCH_LIBRARY(opd_fast, m) {
       "Tensor? teacher_sampled_log_probs, Tensor? row_valid, int k, str variant, "
       "str estimator, float temperature) -> "
       "(Tensor loss, Tensor metrics, Tensor student_lse, Tensor teacher_lse, "
-      "Tensor grad_scale, Tensor sparse_id, Tensor sparse_coef)");
+      "Tensor grad_scale, Tensor sparse_id, Tensor sparse_coef, Tensor student_max, "
+      "Tensor student_log_norm)");
 }
 
 TORCH_LIBRARY_IMPL(opd_fast, CPU, m) { opd_fast::register_kernels<opd_fast::Backend::kCpu>(m); }

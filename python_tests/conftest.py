@@ -28,6 +28,10 @@ from opd_fast.op.names import ESTIMATORS, TOKEN_METRIC_NAMES, VARIANTS
 DEFAULT_THREADS = torch.get_num_threads()
 TEST_THREADS = int(os.environ.get("OPD_TEST_THREADS", "1"))
 
+# A training run picks its thread count from the cores other processes leave free
+# (opd_fast/training/threads.py); tests that compare two runs need both on the same count.
+os.environ.setdefault("OPD_FAST_THREADS", str(DEFAULT_THREADS))
+
 
 @pytest.fixture
 def single_thread():

@@ -557,7 +557,8 @@ def test_op_errors(kwargs, pattern):
 def test_op_meta_inputs_give_shapes_only():
     """All-meta inputs run the fake kernel: shapes and dtypes, no data, no error."""
     outputs = _forward(student=S.to("meta"), teacher=T.to("meta"), k=3)
-    assert [tuple(o.shape) for o in outputs] == [(4,), (4, 10), (4,), (4,), (4,), (4, 6), (4, 6)]
+    shapes = [(4,), (4, 10), (4,), (4,), (4,), (4, 6), (4, 6), (4,), (4,)]
+    assert [tuple(o.shape) for o in outputs] == shapes
     assert all(o.device.type == "meta" for o in outputs)
 
 
@@ -579,12 +580,13 @@ def test_op_out_of_range_sampled_ids_do_not_read_out_of_bounds(bad_id):
 
 def _backward_inputs(variant="student_topk"):
     outputs = _forward(variant=variant, sampled_ids=ids())
-    _, _, lse, _, scale, sparse_id, sparse_coef = outputs
+    _, _, _, _, scale, sparse_id, sparse_coef, row_max, log_norm = outputs
     return [
         torch.ones(ROWS),
         S,
         T,
-        lse,
+        row_max,
+        log_norm,
         scale,
         sparse_id,
         sparse_coef,
@@ -609,20 +611,21 @@ BACKWARD_ERRORS = [
         r"student_logits must be float32, float64, bfloat16 or "
         r"float16",
     ),
-    ("lse_shape", 3, torch.zeros(ROWS - 1), r"backward row tensors must be \(N,\)"),
+    ("max_shape", 3, torch.zeros(ROWS - 1), r"backward row tensors must be \(N,\)"),
+    ("log_norm_shape", 4, torch.zeros(ROWS - 1), r"backward row tensors must be \(N,\)"),
     (
         "sparse_id_dtype",
-        5,
+        6,
         torch.zeros(ROWS, 8, dtype=torch.int32),
         r"sparse_id must be \(N, W\) int64",
     ),
     (
         "sparse_id_rows",
-        5,
+        6,
         torch.zeros(ROWS + 1, 8, dtype=torch.int64),
         r"sparse_id must be \(N, W\) int64",
     ),
-    ("sparse_coef_shape", 6, torch.zeros(ROWS, 3), r"sparse_coef must match sparse_id"),
+    ("sparse_coef_shape", 7, torch.zeros(ROWS, 3), r"sparse_coef must match sparse_id"),
 ]
 
 
@@ -650,7 +653,7 @@ def test_backward_op_full_vocab_needs_matching_teacher():
 def test_backward_op_ignores_out_of_range_sparse_ids():
     """Corrupted sparse ids are skipped rather than written out of bounds."""
     args = _backward_inputs()
-    args[5] = torch.full_like(args[5], VOCAB + 7)
-    args[5][:, 1] = -5
+    args[6] = torch.full_like(args[6], VOCAB + 7)
+    args[6][:, 1] = -5
     grad = torch.ops.opd_fast.opd_backward(*args)
     assert grad.shape == S.shape and bool(torch.isfinite(grad).all())

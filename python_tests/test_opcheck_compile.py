@@ -69,13 +69,14 @@ def test_opcheck_backward(variant, dtype, device):
     args = _forward_args(dtype, device, variant, "pg", 4, 0.8, True, False, requires_grad=False)
     student, teacher = args[0], args[1]
     outputs = torch.ops.opd_fast.opd_forward(*args)
-    _, _, student_lse, _, grad_scale, sparse_id, sparse_coef = outputs
-    grad_loss = torch.randn(student.shape[0], dtype=student_lse.dtype, device=device)
+    _, _, _, _, grad_scale, sparse_id, sparse_coef, student_max, student_log_norm = outputs
+    grad_loss = torch.randn(student.shape[0], dtype=student_max.dtype, device=device)
     backward_args = (
         grad_loss,
         student,
         teacher,
-        student_lse,
+        student_max,
+        student_log_norm,
         grad_scale,
         sparse_id,
         sparse_coef,

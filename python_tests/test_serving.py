@@ -895,3 +895,33 @@ def test_a_burst_of_64_simultaneous_connections_is_answered(make_server):
     for thread in threads:
         thread.join(60)
     assert all(answer and answer.startswith(b"HTTP/1.1 200") for answer in answers), answers
+
+
+def test_a_tiny_temperature_gives_finite_log_probs(make_server, teacher_model, tokenizer):
+    """tau = 1e-30 used to answer 200 with +inf / NaN log-probs: the teacher now shifts by the
+    row max before scaling (finite log-probs of about -1e30) and matches the reference."""
+    server = make_server()
+    generator = torch.Generator().manual_seed(4)
+    sequences, starts, requested_ids = _random_request(generator, len(tokenizer), 4, count=2)
+    result = TeacherClient(server.url).score(sequences, starts, 4, 1e-30, None, requested_ids)
+    for name in ("topk_log_probs", "requested_log_probs", "sampled_log_probs", "entropy"):
+        assert np.isfinite(getattr(result, name)).all(), name
+    assert (result.topk_log_probs <= 0).all()
+    _assert_matches_reference(
+        result, teacher_model, sequences, starts, requested_ids, 4, 1e-30, None
+    )
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "1e-39"])
+def test_a_temperature_too_small_for_float32_is_a_422(make_server, temperature):
+    server = make_server()
+    valid = _valid_body()
+    length = int.from_bytes(valid[4:8], "little")
+    header = valid[8 : 8 + length].decode().strip()
+    body = _frame(
+        header.replace('"temperature": 1.0', f'"temperature": {temperature}'), valid[8 + length :]
+    )
+    headers = {"Content-Type": protocol.CONTENT_TYPE}
+    status, _, data = _raw(server.url, "POST", "/v1/score", body, headers)
+    assert status == 422 and "temperature" in json.loads(data)["error"]
+    assert "too small" in json.loads(data)["error"]

@@ -6,8 +6,13 @@
 // the two top-k sets with log p and log q at each of its ids. This file does that O(k) work.
 //
 // Gradient convention (consumed by the backward kernels), for a row with upstream grad g:
-//     dL/dz_j = (g / tau) * ( p_j * (C + D * (z_j - u_j) / tau) - coef(j) )
-// where coef(j) is non-zero only for the listed sparse ids, D = 1 only for full_vocab.
+//     dL/dz_j = (g / tau) * ( p_j * C - coef(j) )                    all but full_vocab
+//     dL/dz_j = (g / tau) * p_j * (z_j - u_j + C) / tau               full_vocab
+// where coef(j) is non-zero only for the listed sparse ids and p_j = exp((z_j - max) / tau -
+// log_norm) from the row's raw max and log_norm. For full_vocab C = -E_p[z - u] is kept in raw
+// logit units, so that z_j - u_j + C is a plain sum: where p is one-hot it cancels to exactly
+// 0 (a fused multiply-add of (z - u) / tau + C would leave the rounding of (z - u) / tau,
+// times 1 / tau, at a tiny tau).
 #pragma once
 
 #include <cmath>
@@ -23,14 +28,41 @@
 
 namespace opd_fast {
 
+// log softmax(x / tau) at a value x of a row whose raw max is `max` and whose log_norm is
+// log sum_j exp((x_j - max) / tau): shifted by the max BEFORE scaling, as the reference does, so
+// that large |x / tau| (huge logits, tiny tau) loses nothing to rounding (docs/math.md,
+// Conventions, Precision). Needs a finite inv_tau; x = -inf gives -inf.
+template <typename acc_t>
+OPD_HOST_DEVICE acc_t shifted_log_prob(acc_t x, acc_t max, acc_t inv_tau, acc_t log_norm) {
+  return (x - max) * inv_tau - log_norm;
+}
+
+// KL(p || q) over the vocabulary from a streaming pass: mean_gap = E_p[z - u] (raw logits),
+// both rows' raw maxima and their shifted sums S = sum_j exp((x_j - max) / tau), as
+//     KL = E_p[(z - u)/tau] - (lse_p - lse_q)
+//        = (E_p[z - u] - (max_p - max_q)) / tau - log(S_p / S_q).
+// Every term is of the size of the KL's own parts, not of the log-partitions (20-30), and the
+// sums enter through one log of their ratio, so an fp32 KL of 1e-6 keeps its digits. A KL is
+// never negative: rounding below 0 is clamped (NaN stays NaN).
+template <typename acc_t>
+OPD_HOST_DEVICE acc_t full_vocab_kl(acc_t mean_gap, acc_t student_max, acc_t student_sum,
+                                    acc_t teacher_max, acc_t teacher_sum, acc_t inv_tau) {
+  const acc_t kl = (mean_gap - (student_max - teacher_max)) * inv_tau -
+                   log(student_sum / teacher_sum);
+  return kl < acc_t(0) ? acc_t(0) : kl;
+}
+
 // What a streaming pass knows about one row, all in the tempered space (logits / tau).
 template <typename acc_t>
 struct RowStats {
-  acc_t student_lse;      // log sum_j exp(z_j / tau)
-  acc_t teacher_lse;      // log sum_j exp(u_j / tau)
-  acc_t student_entropy;  // H(p)
-  acc_t teacher_entropy;  // H(q)
-  acc_t full_kl;          // KL(p || q) over the vocabulary; only filled for full_vocab
+  acc_t student_lse;       // log sum_j exp(z_j / tau)
+  acc_t teacher_lse;       // log sum_j exp(u_j / tau)
+  acc_t student_max;       // max_j z_j (raw, not divided by tau)
+  acc_t student_log_norm;  // log sum_j exp((z_j - student_max) / tau)
+  acc_t student_entropy;   // H(p)
+  acc_t teacher_entropy;   // H(q)
+  acc_t full_kl;           // KL(p || q) over the vocabulary; only filled for full_vocab
+  acc_t full_mean_gap;     // E_p[z - u] in raw logits; only filled for full_vocab
   bool has_sampled;       // sampled_ids given
   acc_t sampled_log_p;    // log p(y_t)
   acc_t sampled_log_q;    // log q(y_t)
@@ -221,9 +253,10 @@ OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,
                                           acc_t* sparse_coef) {
   RowResult<acc_t> result{acc_t(0), acc_t(0), 0};
   if (variant == Variant::kFullVocab) {
-    // Both estimators are the true reverse KL: grad = p_j (log p_j - log q_j - KL) / tau.
+    // Both estimators are the true reverse KL: grad = p_j (log p_j - log q_j - KL) / tau
+    // = p_j (z_j - u_j - E_p[z - u]) / tau^2: C = -E_p[z - u] needs no log-partition at all.
     result.loss = stats.full_kl;
-    result.grad_scale = stats.teacher_lse - stats.student_lse - stats.full_kl;
+    result.grad_scale = -stats.full_mean_gap;
     return result;
   }
   if (variant == Variant::kSampledToken) {

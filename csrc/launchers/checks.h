@@ -69,6 +69,19 @@ inline at::ScalarType accumulation_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The kernels scale shifted logits by 1 / tau in the accumulation type (float unless the
+// logits are float64). Below about 2.9e-39 (float) that inverse overflows and no log-prob
+// can be formed, so such a tau is refused by name instead of giving inf or NaN.
+inline void check_temperature_range(double temperature, const at::Tensor& logits) {
+  const bool fits = accumulation_dtype(logits) == at::kDouble
+                        ? std::isfinite(1.0 / temperature)
+                        : float(temperature) > 0.0f && std::isfinite(1.0f / float(temperature));
+  TORCH_CHECK(fits, "opd_fast: temperature ", temperature, " is too small for ",
+              logits.scalar_type(), " logits: 1 / temperature overflows the ",
+              accumulation_dtype(logits), " accumulation (use temperature >= ",
+              accumulation_dtype(logits) == at::kDouble ? 6e-309 : 3e-39, ")");
+}
+
 // Rows may be strided, but each row must be contiguous.
 inline at::Tensor rows_contiguous(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
@@ -115,6 +128,7 @@ inline ForwardPlan plan_forward(const at::Tensor& student, const at::Tensor& tea
   TORCH_CHECK(teacher.device() == student.device(), "opd_fast: teacher_logits on ",
               teacher.device(), " but student_logits on ", student.device());
   check_k_and_temperature(k, student.size(1), temperature);
+  check_temperature_range(temperature, student);
   const Variant parsed_variant = parse_variant(std::string(variant));
   const Estimator parsed_estimator = parse_estimator(std::string(estimator));
   TORCH_CHECK(!(parsed_variant == Variant::kSampledToken && parsed_estimator == Estimator::kExact),
@@ -185,9 +199,13 @@ inline SparseForwardPlan plan_forward_sparse(
   return plan;
 }
 
-// The seven outputs of opd_forward / opd_forward_sparse.
+// The nine outputs of opd_forward / opd_forward_sparse.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 struct ForwardOutputTensors {
-  at::Tensor loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef;
+  at::Tensor loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef,
+      student_max, student_log_norm;
 
   explicit ForwardOutputTensors(const ForwardPlan& plan) {
     const int64_t rows = plan.student.size(0);
@@ -199,11 +217,13 @@ struct ForwardOutputTensors {
     grad_scale = at::empty({rows}, options);
     sparse_id = at::empty({rows, plan.sparse_width}, options.dtype(at::kLong));
     sparse_coef = at::empty({rows, plan.sparse_width}, options);
+    student_max = at::empty({rows}, options);
+    student_log_norm = at::empty({rows}, options);
   }
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-  as_tuple() const {
-    return {loss, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef};
+  ForwardResult as_tuple() const {
+    return {loss,      metrics,     student_lse, teacher_lse,     grad_scale,
+            sparse_id, sparse_coef, student_max, student_log_norm};
   }
 };
 
@@ -218,6 +238,7 @@ inline RowTopkPlan plan_row_topk(const at::Tensor& logits, int64_t k, double tem
   check_matrix(logits, "logits");
   check_logits_dtype(logits, "logits");
   check_k_and_temperature(k, logits.size(1), temperature);
+  check_temperature_range(temperature, logits);
   return RowTopkPlan{rows_contiguous(logits), int(k), temperature};
 }
 
@@ -241,21 +262,24 @@ struct RowTopkOutputTensors {
 
 // A checked backward call: the inputs as the kernels read them (teacher only with full_vocab).
 struct BackwardPlan {
-  at::Tensor student, teacher, grad_loss, student_lse, grad_scale, sparse_id, sparse_coef;
+  at::Tensor student, teacher, grad_loss, student_max, student_log_norm, grad_scale, sparse_id,
+      sparse_coef;
   double temperature;
   bool full_vocab;
 };
 
 inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor& student,
-                                  const at::Tensor& teacher, const at::Tensor& student_lse,
+                                  const at::Tensor& teacher, const at::Tensor& student_max,
+                                  const at::Tensor& student_log_norm,
                                   const at::Tensor& grad_scale, const at::Tensor& sparse_id,
                                   const at::Tensor& sparse_coef, double temperature,
                                   bool full_vocab) {
   check_matrix(student, "student_logits");
   check_logits_dtype(student, "student_logits");
+  check_temperature_range(temperature, student);
   const int64_t rows = student.size(0);
   const auto acc_dtype = accumulation_dtype(student);
-  for (const auto* t : {&grad_loss, &student_lse, &grad_scale}) {
+  for (const auto* t : {&grad_loss, &student_max, &student_log_norm, &grad_scale}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == acc_dtype &&
                     t->device() == student.device(),
                 "opd_fast: backward row tensors must be (N,) ", acc_dtype, " on ",
@@ -276,7 +300,8 @@ inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor&
   return BackwardPlan{rows_contiguous(student),
                       full_vocab ? rows_contiguous(teacher) : at::Tensor(),
                       grad_loss.contiguous(),
-                      student_lse.contiguous(),
+                      student_max.contiguous(),
+                      student_log_norm.contiguous(),
                       grad_scale.contiguous(),
                       sparse_id.contiguous(),
                       sparse_coef.contiguous(),

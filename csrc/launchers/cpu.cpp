@@ -5,6 +5,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cpu/kernels.h"
@@ -39,19 +40,37 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// Rows are ~V exps each; a grain of a few rows keeps threads busy without much overhead.
+// Rows are ~V exps each; a chunk of a few rows keeps threads busy without much overhead.
 constexpr int64_t kRowGrain = 4;
 
 // Runs the kernel of Args (cpu::run_rows) over the rows of `logits`, in parallel.
+//
+// Chunks of kRowGrain rows are handed out dynamically (OpenMP's schedule(dynamic)), not as one
+// contiguous range per thread the way at::parallel_for does. With a static split every call
+// waits for its slowest thread, and on a machine where another process shares a core that
+// thread is descheduled for whole time slices: the op slowed 3-15x under one competing busy
+// process while eager PyTorch slowed ~2x (bench/bench_cpu_load.py). Dynamic chunks let the
+// threads that do run take over the rows of the one that does not. Each chunk's gradient rows
+// are first written (page-faulted in) by the thread that computes them. The thread count is
+// torch's (torch.set_num_threads), never more than there are chunks.
 template <typename Args, typename Plan, typename Outputs>
 void run_on_cpu(const Plan& plan, const at::Tensor& logits, const Outputs& outputs) {
   Args args{};
   args.dtype = element_type(logits.scalar_type());
   args.temperature = plan.temperature;
   fill_args(args, plan, outputs);
-  at::parallel_for(0, logits.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
-    cpu::run_rows(args, begin, end);
-  });
+  const int64_t rows = logits.size(0);
+  const int64_t chunks = (rows + kRowGrain - 1) / kRowGrain;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    cpu::run_rows(args, 0, rows);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(int(threads))
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t begin = chunk * kRowGrain;
+    cpu::run_rows(args, begin, std::min(begin + kRowGrain, rows));
+  }
 }
 
 // An op whose outputs are one of checks.h's output structs.

@@ -55,6 +55,8 @@ void fill_args(Args& args, const Plan& plan, const ForwardOutputTensors& outputs
   point(args.out.student_lse, outputs.student_lse);
   point(args.out.teacher_lse, outputs.teacher_lse);
   point(args.out.grad_scale, outputs.grad_scale);
+  point(args.out.student_max, outputs.student_max);
+  point(args.out.student_log_norm, outputs.student_log_norm);
   point(args.out.sparse_id, outputs.sparse_id);
   point(args.out.sparse_coef, outputs.sparse_coef);
   set_teacher(args, plan);
@@ -78,7 +80,8 @@ void fill_args(Args& args, const BackwardPlan& plan, const at::Tensor& grad_stud
   args.vocab = plan.student.size(1);
   args.full_vocab = plan.full_vocab;
   point(args.grad_loss, plan.grad_loss);
-  point(args.student_lse, plan.student_lse);
+  point(args.student_max, plan.student_max);
+  point(args.student_log_norm, plan.student_log_norm);
   point(args.grad_scale, plan.grad_scale);
   point(args.sparse_id, plan.sparse_id);
   point(args.sparse_coef, plan.sparse_coef);

@@ -13,8 +13,6 @@ namespace opd_fast {
 
 enum class Backend { kCpu, kCuda };
 
-using ForwardResult =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using RowTopkResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <Backend kBackend>

@@ -90,7 +90,7 @@ void test_full_vocab_loss(int vocab, unsigned seed) {
     teacher[i] = student[i] + normal(generator);
   }
   const int k = 4, width = 2 * k;
-  float loss = 0, student_lse = 0, teacher_lse = 0, grad_scale = 0;
+  float loss = 0, student_lse = 0, teacher_lse = 0, grad_scale = 0, student_max = 0, log_norm = 0;
   std::vector<float> metrics(opd_fast::kNumMetrics), coef(width);
   std::vector<int64_t> sparse_id(width);
   opd_fast::cpu::ForwardArgs args{};
@@ -103,20 +103,24 @@ void test_full_vocab_loss(int vocab, unsigned seed) {
   args.variant = opd_fast::Variant::kFullVocab;
   args.estimator = opd_fast::Estimator::kPg;
   args.temperature = 1.0;
-  args.out = {width, &loss, metrics.data(), &student_lse, &teacher_lse, &grad_scale,
-              sparse_id.data(), coef.data()};
+  args.out = {width,           &loss,       metrics.data(), &student_lse, &teacher_lse,
+              &grad_scale,     sparse_id.data(), coef.data(), &student_max, &log_norm};
   opd_fast::cpu::run_rows(args, 0, 1);
 
   double lse_p = 0, lse_q = 0, unused = 0;
   naive_softmax_stats(student, 1.0, &lse_p, &unused);
   naive_softmax_stats(teacher, 1.0, &lse_q, &unused);
-  double kl = 0;
+  double kl = 0, mean_gap = 0, max = student[0];
   for (int i = 0; i < vocab; ++i) {
     const double log_p = student[i] - lse_p, log_q = teacher[i] - lse_q;
     kl += std::exp(log_p) * (log_p - log_q);
+    mean_gap += std::exp(log_p) * (student[i] - teacher[i]);
+    max = student[i] > max ? student[i] : max;
   }
   expect_near(loss, kl, 1e-4, "full-vocab KL");
-  expect_near(grad_scale, lse_q - lse_p - kl, 1e-4, "full-vocab C");
+  expect_near(grad_scale, -mean_gap, 1e-4, "full-vocab C = -E_p[z - u]");
+  expect_near(student_max, max, 0, "student max");
+  expect_near(log_norm, lse_p - max, 1e-5, "student log_norm");
 }
 
 }  // namespace

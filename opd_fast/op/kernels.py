@@ -26,6 +26,10 @@ class ForwardResult(NamedTuple):
     grad_scale: torch.Tensor  # (N,) C of the gradient (csrc/kernels/row_loss.h)
     sparse_id: torch.Tensor  # (N, 2k) int64, -1 where unused
     sparse_coef: torch.Tensor  # (N, 2k)
+    # log p = (z - student_max) / tau - student_log_norm: the shifted form the backward reads,
+    # exact where z / tau is too large for student_lse to keep log_norm's digits.
+    student_max: torch.Tensor  # (N,) max_j z_j, raw logits
+    student_log_norm: torch.Tensor  # (N,) log sum_j exp((z_j - student_max) / tau)
 
 
 def _accumulation_dtype(logits_dtype: torch.dtype) -> torch.dtype:
@@ -110,6 +114,8 @@ if extension_available():
             new((rows,), dtype=acc),
             new((rows, 2 * k), dtype=torch.int64),
             new((rows, 2 * k), dtype=acc),
+            new((rows,), dtype=acc),
+            new((rows,), dtype=acc),
         )
 
     @torch.library.register_fake("opd_fast::opd_forward")
@@ -176,7 +182,8 @@ if extension_available():
         grad_loss,
         student_logits,
         teacher_logits,
-        student_lse,
+        student_max,
+        student_log_norm,
         grad_scale,
         sparse_id,
         sparse_coef,
@@ -185,32 +192,37 @@ if extension_available():
     ):
         return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
-    def _setup_context(ctx, inputs, output):
-        student_logits, teacher_logits, _, _, _, variant, _, temperature = inputs
-        _, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef = output
+    def _save_for_backward(ctx, student_logits, teacher_logits, output, temperature, full_vocab):
+        result = ForwardResult(*output)
         ctx.save_for_backward(
-            student_logits, teacher_logits, student_lse, grad_scale, sparse_id, sparse_coef
+            student_logits,
+            teacher_logits,
+            result.student_max,
+            result.student_log_norm,
+            result.grad_scale,
+            result.sparse_id,
+            result.sparse_coef,
         )
         ctx.temperature = temperature
-        ctx.full_vocab = variant == "full_vocab"
-        ctx.mark_non_differentiable(
-            metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef
+        ctx.full_vocab = full_vocab
+        ctx.mark_non_differentiable(*result[1:])
+
+    def _setup_context(ctx, inputs, output):
+        student_logits, teacher_logits, _, _, _, variant, _, temperature = inputs
+        _save_for_backward(
+            ctx, student_logits, teacher_logits, output, temperature, variant == "full_vocab"
         )
 
     def _backward(ctx, grad_loss, *unused_grads):
-        student_logits, teacher_logits, student_lse, grad_scale, sparse_id, sparse_coef = (
-            ctx.saved_tensors
-        )
+        student_logits, teacher_logits, student_max, *rest = ctx.saved_tensors
         if grad_loss is None:
-            grad_loss = torch.zeros_like(student_lse)
+            grad_loss = torch.zeros_like(student_max)
         grad_student = torch.ops.opd_fast.opd_backward(
             grad_loss.contiguous(),
             student_logits,
             teacher_logits,
-            student_lse,
-            grad_scale,
-            sparse_id,
-            sparse_coef,
+            student_max,
+            *rest,
             ctx.temperature,
             ctx.full_vocab,
         )
@@ -222,16 +234,8 @@ if extension_available():
 
     def _setup_context_sparse(ctx, inputs, output):
         student_logits, temperature = inputs[0], inputs[-1]
-        _, metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef = output
         # The backward never reads the teacher for non-full_vocab variants: pass the student.
-        ctx.save_for_backward(
-            student_logits, student_logits, student_lse, grad_scale, sparse_id, sparse_coef
-        )
-        ctx.temperature = temperature
-        ctx.full_vocab = False
-        ctx.mark_non_differentiable(
-            metrics, student_lse, teacher_lse, grad_scale, sparse_id, sparse_coef
-        )
+        _save_for_backward(ctx, student_logits, student_logits, output, temperature, False)
 
     def _backward_sparse(ctx, grad_loss, *unused_grads):
         grads = _backward(ctx, grad_loss)

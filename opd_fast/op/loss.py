@@ -18,6 +18,7 @@ from opd_fast.op.names import (
     REDUCTIONS,
     TOKEN_METRIC_NAMES,
     check_k,
+    check_temperature,
     check_variant_estimator,
 )
 from opd_fast.op.payload import TeacherPayload
@@ -123,8 +124,7 @@ def _check_arguments(
     if variant == "sampled_token" and sampled_ids is None:
         raise ValueError("variant='sampled_token' needs sampled_ids (the realised tokens)")
     check_k(k, student_logits.shape[-1])
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    check_temperature(temperature, student_logits.dtype)
     batch_shape = tuple(student_logits.shape[:-1])
     for name, tensor in (("mask", mask), ("sampled_ids", sampled_ids)):
         if tensor is None:
@@ -155,7 +155,8 @@ def _check_values(valid, sampled_ids, vocab, result: kernels.ForwardResult, payl
             raise ValueError(
                 f"sampled_ids out of range [0, {vocab}): row {row} holds {int(sampled_ids[row])}"
             )
-    checked = [("student_logits", result.student_lse)]
+    # max + log_norm is finite exactly when the row is (no overflow of max / tau at a tiny tau).
+    checked = [("student_logits", result.student_max + result.student_log_norm)]
     if payload is not None:  # a payload: its NaNs reach the per-row loss and metrics
         for name, ids in (("topk_ids", payload.topk_ids), ("requested_ids", payload.requested_ids)):
             outside = (ids < 0) | (ids >= vocab)

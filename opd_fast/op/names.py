@@ -72,3 +72,22 @@ def check_variant_estimator(variant: str, estimator: str, *, where: str = "") ->
         raise ValueError(
             f"{where}estimator='exact' has no form for variant='sampled_token'; use 'pg'"
         )
+
+
+def smallest_temperature(dtype: torch.dtype = torch.float32) -> float:
+    """The smallest temperature the kernels accept for logits of `dtype`: they scale shifted
+    logits by 1 / temperature in the accumulation type (float64 for float64 logits, else
+    float32), and below this that inverse overflows (csrc/launchers/checks.h)."""
+    return 6e-309 if dtype == torch.float64 else 3e-39
+
+
+def check_temperature(temperature, dtype: torch.dtype = torch.float32, *, where: str = "") -> None:
+    """A positive finite temperature whose inverse the accumulation type of `dtype` can hold."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"{where}temperature must be a positive finite number, got {temperature}")
+    if temperature < smallest_temperature(dtype):
+        raise ValueError(
+            f"{where}temperature {temperature} is too small: 1 / temperature overflows the "
+            f"{'float64' if dtype == torch.float64 else 'float32'} accumulation of {dtype} "
+            f"logits (use temperature >= {smallest_temperature(dtype)})"
+        )

@@ -67,12 +67,17 @@ def payload_from_logits(
     sampled_ids (N,) -> TeacherPayload with float32 (float64 for float64 logits) log-probs."""
     top = kernels.row_topk(teacher_logits, k, temperature)
     rows = torch.arange(teacher_logits.shape[0], device=teacher_logits.device)
+    # log q(x) = (x - max) / tau + log q(argmax): shifted by the row max before scaling, like
+    # the kernels, so that a tiny tau or huge logits keep log q exact (x / tau - lse would not).
+    row_max = teacher_logits[rows, top.ids[:, 0]].to(top.lse.dtype)
+    log_q_max = top.log_probs[:, 0]
 
     def log_probs_at(ids):
-        picked = teacher_logits[rows.unsqueeze(-1) if ids.dim() == 2 else rows, ids]
-        return picked.to(top.lse.dtype) / temperature - (
-            top.lse.unsqueeze(-1) if ids.dim() == 2 else top.lse
-        )
+        two_d = ids.dim() == 2
+        picked = teacher_logits[rows.unsqueeze(-1) if two_d else rows, ids].to(top.lse.dtype)
+        shift = row_max.unsqueeze(-1) if two_d else row_max
+        offset = log_q_max.unsqueeze(-1) if two_d else log_q_max
+        return (picked - shift) / temperature + offset
 
     return TeacherPayload(
         topk_ids=top.ids,

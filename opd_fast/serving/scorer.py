@@ -18,7 +18,7 @@ import torch
 
 from opd_fast.models.loading import Placement, load_model, load_tokenizer
 from opd_fast.models.vocabulary import output_rows, tokenizer_fingerprint
-from opd_fast.op.names import MAX_K
+from opd_fast.op.names import MAX_K, smallest_temperature
 from opd_fast.op.payload import payload_from_logits
 from opd_fast.serving import protocol
 
@@ -174,6 +174,13 @@ def parse_score_request(
         finite = False
     if not (finite and temperature > 0):
         raise RequestError(422, f"temperature must be positive and finite, got {temperature!s:.24}")
+    if temperature < smallest_temperature():
+        # The teacher scales by 1 / temperature in float32 (the kernels' accumulation type).
+        raise RequestError(
+            422,
+            f"temperature {temperature!s:.24} is too small: 1 / temperature overflows float32 "
+            f"(use temperature >= {smallest_temperature()})",
+        )
     if not lengths:
         raise RequestError(422, "no sequences")
     if len(lengths) > limits.max_batch_sequences:

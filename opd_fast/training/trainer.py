@@ -51,6 +51,7 @@ from opd_fast.training.pair import load_pair
 from opd_fast.training.plots import plot_dynamics
 from opd_fast.training.rollout import RolloutBatch, encode_prompts
 from opd_fast.training.scoring import LossSettings, score_batch
+from opd_fast.training.threads import cpu_threads
 
 
 class TrainingDiverged(RuntimeError):
@@ -483,6 +484,12 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train to config.steps (from the latest checkpoint when resuming), on CPU with the
+        cores other processes leave free (training/threads.py). See _run_steps."""
+        with cpu_threads(self.device):
+            return self._run_steps(resume, stop_after)
+
+    def _run_steps(self, resume: bool, stop_after: int | None) -> dict:
         """Train to config.steps (from the latest checkpoint when resuming).
 
         Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt; a

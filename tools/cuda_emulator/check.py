@@ -97,7 +97,7 @@ def harness(binary: str, work: str, payload: bytes) -> Reader | None:
 
 
 FORWARD_OUTPUTS = ("loss", "metrics", "student_lse", "teacher_lse", "grad_scale", "sparse_id",
-                   "sparse_coef")  # fmt: skip
+                   "sparse_coef", "student_max", "student_log_norm")  # fmt: skip
 
 
 def close(name, what, got, want, tol) -> bool:
@@ -150,11 +150,12 @@ def row_bytes(tensor, rows, dtype) -> bytes:
 
 
 def take_forward_outputs(out, rows, width, np_acc) -> list:
-    """The seven forward outputs, in FORWARD_OUTPUTS order."""
+    """The nine forward outputs, in FORWARD_OUTPUTS order."""
     got = [out.take(rows, np_acc), out.take(rows * 10, np_acc).reshape(rows, 10)]
     got += [out.take(rows, np_acc) for _ in range(3)]
     got.append(out.take(rows * width, np.int64).reshape(rows, width))
     got.append(out.take(rows * width, np_acc).reshape(rows, width))
+    got += [out.take(rows, np_acc) for _ in range(2)]
     return got
 
 
@@ -168,13 +169,13 @@ def forward_case(binaries, work, student, teacher, k, variant, estimator, temper
     s_big, s_view = padded(student, s_off, s_pad)
     t_big, t_view = padded(teacher, t_off, t_pad)
     forward = ops.opd_forward(s_view, t_view, sampled, valid, k, variant, estimator, temperature)
-    _, _, student_lse, _, grad_scale, sparse_id, sparse_coef = forward
+    _, _, _, _, grad_scale, sparse_id, sparse_coef, student_max, student_log_norm = forward
     acc, np_acc, tol = acc_types(student.dtype)
     grad_loss = torch.randn(rows, dtype=acc)
     grad_loss[::3] = 0
     full = variant == "full_vocab"
-    grad_want = ops.opd_backward(grad_loss, s_view, t_view, student_lse, grad_scale, sparse_id,
-                                 sparse_coef, temperature, full)  # fmt: skip
+    grad_want = ops.opd_backward(grad_loss, s_view, t_view, student_max, student_log_norm,
+                                 grad_scale, sparse_id, sparse_coef, temperature, full)  # fmt: skip
     width = 2 * k
     header = case_header(student, k, variant, estimator, sampled, valid)
     header += [s_off, vocab + s_pad, t_off, vocab + t_pad, s_big.numel(), t_big.numel(), width]
@@ -182,7 +183,7 @@ def forward_case(binaries, work, student, teacher, k, variant, estimator, temper
     payload = struct.pack("<17q", *header) + struct.pack("<d", temperature)
     payload += raw(s_big) + raw(t_big)
     payload += row_bytes(sampled, rows, torch.long) + row_bytes(valid, rows, torch.bool)
-    for tensor in (grad_loss, student_lse, grad_scale, sparse_id, sparse_coef):
+    for tensor in (grad_loss, student_max, student_log_norm, grad_scale, sparse_id, sparse_coef):
         payload += tensor.numpy().tobytes()
     out = harness(binaries["forward_harness"], work, payload)
     if out is None:

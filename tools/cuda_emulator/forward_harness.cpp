@@ -23,13 +23,13 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   std::vector<int64_t> sampled(N); std::memcpy(sampled.data(), p, N * 8); p += N * 8;
   std::vector<char> valid(N); std::memcpy(valid.data(), p, N); p += N;
   auto read_acc = [&](int64_t n) { std::vector<acc_t> v(n); std::memcpy(v.data(), p, n * sizeof(acc_t)); p += n * sizeof(acc_t); return v; };
-  std::vector<acc_t> grad_loss = read_acc(N), lse_in = read_acc(N), scale_in = read_acc(N);
+  std::vector<acc_t> grad_loss = read_acc(N), max_in = read_acc(N), log_norm_in = read_acc(N), scale_in = read_acc(N);
   std::vector<int64_t> sid_in(N * W); std::memcpy(sid_in.data(), p, N * W * 8); p += N * W * 8;
   std::vector<acc_t> coef_in = read_acc(N * W);
 
   const scalar_t* student = reinterpret_cast<const scalar_t*>(sbuf.data()) + so;
   const scalar_t* teacher = reinterpret_cast<const scalar_t*>(tbuf.data()) + to;
-  std::vector<acc_t> loss(N, -7), metrics(N * kNumMetrics, -7), slse(N, -7), tlse(N, -7), gs(N, -7), coef(N * W, -7);
+  std::vector<acc_t> loss(N, -7), metrics(N * kNumMetrics, -7), slse(N, -7), tlse(N, -7), gs(N, -7), coef(N * W, -7), smax(N, -7), snorm(N, -7);
   std::vector<int64_t> sid(N * W, -7);
   ForwardParams<scalar_t> fp{};
   fp.student = student; fp.teacher = teacher; fp.student_row_stride = ss; fp.teacher_row_stride = ts;
@@ -37,7 +37,7 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   fp.row_valid = h[7] ? reinterpret_cast<const bool*>(valid.data()) : nullptr;
   fp.k = int(k); fp.variant = Variant(h[4]); fp.estimator = Estimator(h[5]);
   fp.inv_tau = acc_t(1) / acc_t(temperature);
-  fp.out = {int(W), loss.data(), metrics.data(), slse.data(), tlse.data(), gs.data(), sid.data(), coef.data()};
+  fp.out = {int(W), loss.data(), metrics.data(), slse.data(), tlse.data(), gs.data(), sid.data(), coef.data(), smax.data(), snorm.data()};
   with_topk_slots(int(k), [&](auto slots, int kpad) {
     for (int64_t row = 0; row < N; ++row) {
       emu_run_block(unsigned(row), [&] {
@@ -54,7 +54,8 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   BackwardParams<scalar_t> bp{};
   bp.student = student; bp.teacher = full ? teacher : nullptr; bp.student_row_stride = ss;
   bp.teacher_row_stride = full ? ts : 0; bp.rows = N; bp.vocab = V; bp.inv_tau = acc_t(1) / acc_t(temperature);
-  bp.full_vocab = full; bp.grad_loss = grad_loss.data(); bp.student_lse = lse_in.data();
+  bp.full_vocab = full; bp.grad_loss = grad_loss.data(); bp.student_max = max_in.data();
+  bp.student_log_norm = log_norm_in.data();
   bp.grad_scale = scale_in.data(); bp.sparse_id = sid_in.data(); bp.sparse_coef = coef_in.data();
   bp.sparse_width = int(W); bp.grad_student = grad;
   for (int64_t row = 0; row < N; ++row) {
@@ -66,7 +67,9 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   fwrite(loss.data(), sizeof(acc_t), N, out); fwrite(metrics.data(), sizeof(acc_t), N * kNumMetrics, out);
   fwrite(slse.data(), sizeof(acc_t), N, out); fwrite(tlse.data(), sizeof(acc_t), N, out);
   fwrite(gs.data(), sizeof(acc_t), N, out); fwrite(sid.data(), 8, N * W, out);
-  fwrite(coef.data(), sizeof(acc_t), N * W, out); fwrite(grad, sizeof(scalar_t), N * V, out);
+  fwrite(coef.data(), sizeof(acc_t), N * W, out);
+  fwrite(smax.data(), sizeof(acc_t), N, out); fwrite(snorm.data(), sizeof(acc_t), N, out);
+  fwrite(grad, sizeof(scalar_t), N * V, out);
 }
 
 int main(int argc, char** argv) {

@@ -21,7 +21,7 @@ void run(const char* p, const int64_t* h, double temperature, FILE* out) {
   auto sampled = read_i64(N);
   auto tslq = read_acc(N);
   std::vector<char> valid(N); std::memcpy(valid.data(), p, N); p += N;
-  std::vector<acc_t> loss(N, -7), metrics(N * kNumMetrics, -7), slse(N, -7), tlse(N, -7), gs(N, -7), coef(N * W, -7);
+  std::vector<acc_t> loss(N, -7), metrics(N * kNumMetrics, -7), slse(N, -7), tlse(N, -7), gs(N, -7), coef(N * W, -7), smax(N, -7), snorm(N, -7);
   std::vector<int64_t> sid(N * W, -7);
   SparseForwardParams<scalar_t> fp{};
   fp.student = reinterpret_cast<const scalar_t*>(sbuf.data()); fp.student_row_stride = V;
@@ -33,12 +33,13 @@ void run(const char* p, const int64_t* h, double temperature, FILE* out) {
   fp.row_valid = h[7] ? reinterpret_cast<const bool*>(valid.data()) : nullptr;
   fp.k = int(k); fp.variant = Variant(h[4]); fp.estimator = Estimator(h[5]);
   fp.inv_tau = acc_t(1) / acc_t(temperature);
-  fp.out = {int(W), loss.data(), metrics.data(), slse.data(), tlse.data(), gs.data(), sid.data(), coef.data()};
+  fp.out = {int(W), loss.data(), metrics.data(), slse.data(), tlse.data(), gs.data(), sid.data(), coef.data(), smax.data(), snorm.data()};
   for (int64_t row = 0; row < N; ++row) emu_run_block(unsigned(row), [&] { opd_forward_sparse_kernel<scalar_t>(fp); });
   fwrite(loss.data(), sizeof(acc_t), N, out); fwrite(metrics.data(), sizeof(acc_t), N * kNumMetrics, out);
   fwrite(slse.data(), sizeof(acc_t), N, out); fwrite(tlse.data(), sizeof(acc_t), N, out);
   fwrite(gs.data(), sizeof(acc_t), N, out); fwrite(sid.data(), 8, N * W, out);
   fwrite(coef.data(), sizeof(acc_t), N * W, out);
+  fwrite(smax.data(), sizeof(acc_t), N, out); fwrite(snorm.data(), sizeof(acc_t), N, out);
 
   // row_topk of the same student rows.
   std::vector<int64_t> ids(N * k, -7);

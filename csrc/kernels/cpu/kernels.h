@@ -29,6 +29,8 @@ struct ForwardOutputs {
   void* grad_scale;    // (N,)  C
   int64_t* sparse_id;  // (N, sparse_width), -1 = unused
   void* sparse_coef;   // (N, sparse_width)
+  void* student_max;       // (N,) max_j z_j, raw
+  void* student_log_norm;  // (N,) log sum_j exp((z_j - max) / tau)
 };
 
 // What both forward ops read and write besides the teacher.
@@ -84,7 +86,8 @@ struct BackwardArgs {
   double temperature;
   bool full_vocab;
   const void* grad_loss;    // (N,) accumulation type
-  const void* student_lse;  // (N,)
+  const void* student_max;       // (N,) from the forward
+  const void* student_log_norm;  // (N,) from the forward
   const void* grad_scale;   // (N,)
   const int64_t* sparse_id; // (N, sparse_width)
   const void* sparse_coef;  // (N, sparse_width)

@@ -8,7 +8,7 @@
 // ../cpu/opd_backward.inc.
 //
 // Shapes: student (N, V) (and teacher (N, V) for full_vocab) with unit stride along V and any
-// row stride; grad_loss, student_lse, grad_scale (N,) and sparse_coef (N, W) in the
+// row stride; grad_loss, student_max, student_log_norm, grad_scale (N,) and sparse_coef (N, W) in the
 // accumulation type; sparse_id (N, W) int64 (entries < 0 or >= V are skipped);
 // grad_student (N, V) contiguous, logits dtype.
 //
@@ -42,7 +42,8 @@ struct BackwardParams {
   acc_t inv_tau;  // acc_t(1) / acc_t(temperature), computed on the host
   bool full_vocab;
   const acc_t* grad_loss;    // (rows,)
-  const acc_t* student_lse;  // (rows,)
+  const acc_t* student_max;       // (rows,) raw max of z, from the forward
+  const acc_t* student_log_norm;  // (rows,) log sum exp((z - max) / tau), from the forward
   const acc_t* grad_scale;   // (rows,)
   const int64_t* sparse_id;  // (rows, sparse_width)
   const acc_t* sparse_coef;  // (rows, sparse_width)
@@ -50,14 +51,15 @@ struct BackwardParams {
   scalar_t* grad_student;  // (rows, vocab) contiguous
 };
 
-// The dense part step * p * (C + D (z - u)/tau), 0 where p is 0 (or NaN, as on the CPU).
+// The dense part before the step: p * C, or p * (z - u + C) / tau for full_vocab (row_loss.h);
+// 0 where p is 0 (or NaN, as on the CPU). p from the shifted form (row_loss.h).
 template <bool kFullVocab, typename acc_t>
-__device__ __forceinline__ acc_t dense_grad(acc_t z, acc_t u, acc_t inv_tau, acc_t lse,
-                                            acc_t grad_scale, acc_t step) {
-  const acc_t prob = exp_acc(z * inv_tau - lse);
+__device__ __forceinline__ acc_t dense_term(acc_t z, acc_t u, acc_t inv_tau, acc_t max,
+                                            acc_t log_norm, acc_t grad_scale) {
+  const acc_t prob = exp_acc(shifted_log_prob(z, max, inv_tau, log_norm));
   acc_t factor = grad_scale;
-  if (kFullVocab) factor += prob > acc_t(0) ? (z - u) * inv_tau : acc_t(0);
-  return prob > acc_t(0) ? step * prob * factor : acc_t(0);
+  if (kFullVocab) factor = prob > acc_t(0) ? (z - u + grad_scale) * inv_tau : acc_t(0);
+  return prob > acc_t(0) ? prob * factor : acc_t(0);
 }
 
 template <typename scalar_t, bool kFullVocab>
@@ -75,7 +77,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
       kFullVocab ? p.teacher + row * p.teacher_row_stride : nullptr;
   scalar_t* __restrict__ grad = p.grad_student + row * vocab;
   const acc_t inv_tau = p.inv_tau;
-  const acc_t lse = p.student_lse[row];
+  const acc_t max = p.student_max[row];
+  const acc_t log_norm = p.student_log_norm[row];
   const acc_t grad_scale = p.grad_scale[row];
   const acc_t step = p.grad_loss[row] * inv_tau;
   const bool zero_row = step == acc_t(0);  // block-uniform
@@ -93,7 +96,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
       acc_t value = 0;
       if (!zero_row) {
         const acc_t u = kFullVocab ? E::to_acc(teacher[i]) : acc_t(0);
-        value = dense_grad<kFullVocab>(E::to_acc(student[i]), u, inv_tau, lse, grad_scale, step);
+        value = step * dense_term<kFullVocab>(E::to_acc(student[i]), u, inv_tau, max, log_norm,
+                                              grad_scale);
       }
       grad[i] = E::from_acc(value);
     }
@@ -117,7 +121,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
       if (!zero_row) {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          out[h][i] = dense_grad<kFullVocab>(z[h][i], u[h][i], inv_tau, lse, grad_scale, step);
+          out[h][i] =
+              step * dense_term<kFullVocab>(z[h][i], u[h][i], inv_tau, max, log_norm, grad_scale);
         }
       }
       E::store_vec(grad + split.head + v[h] * kVec, out[h]);
@@ -133,9 +138,10 @@ __global__ void __launch_bounds__(kBackwardThreads)
     const int64_t id = sparse_id[i];
     if (id < 0 || id >= vocab) continue;
     const acc_t u = kFullVocab ? E::to_acc(teacher[id]) : acc_t(0);
+    // p * C - coef before the step: where p rounds to 1 they cancel exactly (tiny tau).
     const acc_t dense =
-        dense_grad<kFullVocab>(E::to_acc(student[id]), u, inv_tau, lse, grad_scale, step);
-    grad[id] = E::from_acc(dense - step * sparse_coef[i]);
+        dense_term<kFullVocab>(E::to_acc(student[id]), u, inv_tau, max, log_norm, grad_scale);
+    grad[id] = E::from_acc(step * (dense - sparse_coef[i]));
   }
 }
 

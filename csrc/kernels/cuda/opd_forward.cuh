@@ -3,9 +3,10 @@
 //
 // Math (per row; z = student logits, u = teacher logits, both (V,), tau = temperature), the
 // same as the CPU kernel in ../cpu/opd_forward.inc:
-//   lse_s = log sum_j exp(z_j / tau)          H(p) = lse_s - sum_j p_j z_j / tau
-//   lse_t = log sum_j exp(u_j / tau)          H(q) likewise
-//   full_vocab: KL(p || q) = sum_j p_j (z_j - u_j) / tau - lse_s + lse_t
+//   lse_s = max_s / tau + log_norm_s,  log_norm_s = log sum_j exp((z_j - max_s) / tau)
+//   (shifted by the raw max before scaling), H(p) = log_norm_s - sum_j p_j (z_j - max_s) / tau,
+//   likewise for u; log p_j = (z_j - max_s) / tau - log_norm_s
+//   full_vocab: KL(p || q) = full_vocab_kl(E_p[z - u], ...) of row_loss.h
 //   S_p, S_q = top-k of z and of u, ranked on the raw logits (ties -> lower id)
 // then row_loss.h turns the deduplicated union S_p u S_q, with log p and log q at each id,
 // into the loss, the metrics, C (grad_scale) and the <= 2k sparse gradient coefficients.
@@ -14,7 +15,7 @@
 // sampled_ids (N,) int64 or null; row_valid (N,) bool or null. Outputs, in the accumulation
 // type (float, or double for double logits): loss (N,), metrics (N, kNumMetrics),
 // student_lse (N,), teacher_lse (N,), grad_scale (N,), sparse_id (N, W) int64 (-1 unused),
-// sparse_coef (N, W), W = sparse_width = 2k.
+// sparse_coef (N, W), W = sparse_width = 2k, student_max (N,), student_log_norm (N,).
 //
 // Parallel scheme: one CTA of kForwardThreads (256) threads per row.
 //   1. Each thread streams its share of both rows with 16-byte loads (scalar at an
@@ -57,6 +58,8 @@ struct ForwardOutputs {
   acc_t* grad_scale;   // (rows,)
   int64_t* sparse_id;  // (rows, sparse_width)
   acc_t* sparse_coef;  // (rows, sparse_width)
+  acc_t* student_max;       // (rows,) raw max of z
+  acc_t* student_log_norm;  // (rows,) log sum exp((z - max) / tau)
 };
 
 // The launch-wide settings of every one-CTA-per-row kernel but the backward's.
@@ -93,9 +96,11 @@ struct ForwardParams : ForwardRowParams<scalar_t> {
 // Online softmax state (natural-log units)
 // ---------------------------------------------------------------------------------------
 
-// max = running max of x / tau (-inf until a value above -inf was seen); sum = sum e;
-// spread = sum e * d; cross = sum e * (other / tau), with e = exp(d), d = x / tau - max.
-// A NaN input makes sum NaN. No member initialisers: it also lives in shared memory.
+// max = running max of the RAW x (-inf until a value above -inf was seen); sum = sum e;
+// spread = sum e * d; cross = sum e * (x - other), with e = exp(d), d = (x - max) / tau: shifted
+// before scaling so that huge logits or a tiny tau lose nothing (OnlineSoftmax of
+// ../cpu/streaming.inc). A NaN input makes sum NaN. No member initialisers: it also lives in
+// shared memory.
 template <typename acc_t>
 struct SoftmaxState {
   acc_t max;
@@ -122,7 +127,7 @@ __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const ac
   acc_t raw_max = -INFINITY;
 #pragma unroll
   for (int i = 0; i < N; ++i) raw_max = x[i] > raw_max ? x[i] : raw_max;  // skips NaN
-  const acc_t vector_max = raw_max * inv_tau;
+  const acc_t vector_max = raw_max;
   if (vector_max == -INFINITY) {
     // All -inf or NaN: only a NaN must still poison the sum.
     acc_t poison = 0;
@@ -134,9 +139,9 @@ __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const ac
   if (vector_max > state.max) {
     // Rescale what we have to the new max: sum e d with d -> d - delta.
     const bool was_empty = state.max == -INFINITY;
-    const acc_t delta = vector_max - state.max;
+    const acc_t delta = (vector_max - state.max) * inv_tau;
     const acc_t scale = was_empty ? acc_t(0) : exp_acc(-delta);
-    state.spread = was_empty ? acc_t(0) : (state.spread - delta * state.sum) * scale;
+    state.spread = scale > acc_t(0) ? (state.spread - delta * state.sum) * scale : acc_t(0);
     state.sum *= scale;  // keeps a NaN
     if (kCross) state.cross = scale > acc_t(0) ? state.cross * scale : acc_t(0);
     state.max = vector_max;
@@ -144,19 +149,20 @@ __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const ac
   const acc_t running_max = state.max;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    acc_t d = x[i] * inv_tau - running_max;
+    acc_t d = (x[i] - running_max) * inv_tau;
     d = d < acc_t(-1e4) ? acc_t(-1e4) : d;  // -inf -> finite so that e * d is 0, not NaN
     const acc_t e = exp_acc(d);
     state.sum += e;
     state.spread += e * d;
-    if (kCross) state.cross += e > acc_t(0) ? e * (other[i] * inv_tau) : acc_t(0);
+    if (kCross) state.cross += e > acc_t(0) ? e * (x[i] - other[i]) : acc_t(0);
   }
 }
 
 // Merges two partial states (any order).
 template <typename acc_t>
 __device__ __forceinline__ SoftmaxState<acc_t> softmax_combine(SoftmaxState<acc_t> a,
-                                                               SoftmaxState<acc_t> b) {
+                                                               SoftmaxState<acc_t> b,
+                                                               acc_t inv_tau) {
   if (b.max > a.max) {
     const SoftmaxState<acc_t> t = a;
     a = b;
@@ -173,16 +179,17 @@ __device__ __forceinline__ SoftmaxState<acc_t> softmax_combine(SoftmaxState<acc_
     a.sum += b.sum;  // b holds no weight, at most a NaN
     return a;
   }
-  const acc_t delta = a.max - b.max;
+  const acc_t delta = (a.max - b.max) * inv_tau;
   const acc_t scale = exp_acc(-delta);
   a.sum += b.sum * scale;
-  a.spread += (b.spread - delta * b.sum) * scale;
+  a.spread += scale > acc_t(0) ? (b.spread - delta * b.sum) * scale : acc_t(0);
   a.cross += scale > acc_t(0) ? b.cross * scale : acc_t(0);
   return a;
 }
 
 template <typename acc_t>
-__device__ __forceinline__ SoftmaxState<acc_t> softmax_warp_reduce(SoftmaxState<acc_t> state) {
+__device__ __forceinline__ SoftmaxState<acc_t> softmax_warp_reduce(SoftmaxState<acc_t> state,
+                                                                   acc_t inv_tau) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
     SoftmaxState<acc_t> other;
@@ -190,17 +197,23 @@ __device__ __forceinline__ SoftmaxState<acc_t> softmax_warp_reduce(SoftmaxState<
     other.sum = __shfl_xor_sync(kFullMask, state.sum, offset);
     other.spread = __shfl_xor_sync(kFullMask, state.spread, offset);
     other.cross = __shfl_xor_sync(kFullMask, state.cross, offset);
-    state = softmax_combine(state, other);
+    state = softmax_combine(state, other, inv_tau);
   }
   return state;
 }
 
-// lse = max + log(sum); H = log(sum) - spread / sum; an all -inf row: lse = -inf, H = 0.
-// A NaN anywhere (sum is NaN) makes both NaN, even in an all-NaN row whose max stays -inf.
+// log_norm = log(sum); lse = max / tau + log(sum); H = log(sum) - spread / sum; an all -inf
+// row: log_norm = lse = -inf, H = 0. A NaN anywhere (sum is NaN) makes all three NaN, even in
+// an all-NaN row whose max stays -inf.
 template <typename acc_t>
-__device__ __forceinline__ acc_t softmax_lse(const SoftmaxState<acc_t>& s) {
+__device__ __forceinline__ acc_t softmax_log_norm(const SoftmaxState<acc_t>& s) {
   if (s.sum != s.sum) return s.sum;
-  return s.max == -INFINITY ? s.max : s.max + log(s.sum);
+  return s.max == -INFINITY ? s.max : log(s.sum);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t softmax_lse(const SoftmaxState<acc_t>& s, acc_t inv_tau) {
+  if (s.sum != s.sum) return s.sum;
+  return s.max == -INFINITY ? s.max : s.max * inv_tau + log(s.sum);
 }
 
 template <typename acc_t>
@@ -328,6 +341,8 @@ __device__ __forceinline__ bool start_forward_row(const Params& p, int64_t row, 
     out.student_lse[row] = 0;
     out.teacher_lse[row] = 0;
     out.grad_scale[row] = 0;
+    out.student_max[row] = 0;
+    out.student_log_norm[row] = 0;
   }
   return false;
 }
@@ -347,6 +362,8 @@ __device__ __forceinline__ void finish_forward_row(const Params& p, int64_t row,
   out.grad_scale[row] = result.grad_scale;
   out.student_lse[row] = stats.student_lse;
   out.teacher_lse[row] = stats.teacher_lse;
+  out.student_max[row] = stats.student_max;
+  out.student_log_norm[row] = stats.student_log_norm;
 }
 
 // One CTA per row; see the top of this file. Dynamic shared memory: 2 * kForwardWarps * kpad
@@ -360,7 +377,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   using Key = typename Ops::type;
 
   __shared__ SoftmaxState<acc_t> warp_softmax[2][kForwardWarps];
-  __shared__ acc_t row_lse[2];
+  __shared__ acc_t row_shift[2][2];  // [student, teacher][raw max, log_norm]
   __shared__ CandidateBuffer<acc_t> cand;
   __shared__ acc_t top_value[kMaxCandidates];
   __shared__ bool teacher_duplicate[kMaxK];
@@ -391,8 +408,8 @@ __global__ void __launch_bounds__(kForwardThreads)
                                    lane);
 
   // 2a. Softmax states: per warp, then warp 0 over the warps (thread 0 keeps the stats).
-  const SoftmaxState<acc_t> warp_student = softmax_warp_reduce(st.student_softmax);
-  const SoftmaxState<acc_t> warp_teacher = softmax_warp_reduce(st.teacher_softmax);
+  const SoftmaxState<acc_t> warp_student = softmax_warp_reduce(st.student_softmax, inv_tau);
+  const SoftmaxState<acc_t> warp_teacher = softmax_warp_reduce(st.teacher_softmax, inv_tau);
   if (lane == 0) {
     warp_softmax[0][warp] = warp_student;
     warp_softmax[1][warp] = warp_teacher;
@@ -409,24 +426,26 @@ __global__ void __launch_bounds__(kForwardThreads)
   if (warp == 0) {
     SoftmaxState<acc_t> s = lane < kForwardWarps ? warp_softmax[0][lane] : softmax_empty<acc_t>();
     SoftmaxState<acc_t> t = lane < kForwardWarps ? warp_softmax[1][lane] : softmax_empty<acc_t>();
-    s = softmax_warp_reduce(s);
-    t = softmax_warp_reduce(t);
+    s = softmax_warp_reduce(s, inv_tau);
+    t = softmax_warp_reduce(t, inv_tau);
     if (lane == 0) {
-      stats.student_lse = softmax_lse(s);
-      stats.teacher_lse = softmax_lse(t);
+      stats.student_lse = softmax_lse(s, inv_tau);
+      stats.teacher_lse = softmax_lse(t, inv_tau);
+      stats.student_max = s.max;
+      stats.student_log_norm = softmax_log_norm(s);
       stats.student_entropy = softmax_entropy(s);
       stats.teacher_entropy = softmax_entropy(t);
       if (kFullVocab) {
-        // KL = sum p (z - u)/tau - lse_s + lse_t, with sum p z/tau = max + spread / sum.
-        const acc_t mean_student = s.max + s.spread / s.sum;
-        const acc_t mean_teacher = s.cross / s.sum;
-        stats.full_kl = mean_student - mean_teacher - stats.student_lse + stats.teacher_lse;
+        stats.full_mean_gap = s.cross / s.sum;
+        stats.full_kl = full_vocab_kl(stats.full_mean_gap, s.max, s.sum, t.max, t.sum, inv_tau);
       }
-      row_lse[0] = stats.student_lse;
-      row_lse[1] = stats.teacher_lse;
+      row_shift[0][0] = s.max;
+      row_shift[0][1] = stats.student_log_norm;
+      row_shift[1][0] = t.max;
+      row_shift[1][1] = softmax_log_norm(t);
     }
   }
-  // 2c. Merge the per-warp lists (the sort's barriers also publish row_lse).
+  // 2c. Merge the per-warp lists (the sort's barriers also publish row_shift).
   block_sort_descending<acc_t>(student_keys, sort_size, 2);
 
   // 3. Candidates, [0, k) the student's top-k in rank order, [k, 2k) the teacher's:
@@ -444,8 +463,12 @@ __global__ void __launch_bounds__(kForwardThreads)
     fill_if_short(cand.id + k, top_value + k, k);
   }
   __syncthreads();
-  const acc_t student_lse = row_lse[0];
-  const acc_t teacher_lse = row_lse[1];
+  auto log_p = [&](acc_t z) {
+    return shifted_log_prob(z, row_shift[0][0], inv_tau, row_shift[0][1]);
+  };
+  auto log_q = [&](acc_t u) {
+    return shifted_log_prob(u, row_shift[1][0], inv_tau, row_shift[1][1]);
+  };
   for (int i = tid; i < 2 * k; i += kForwardThreads) {
     const bool from_student = i < k;
     const int64_t id = cand.id[i];  // in [0, vocab) now
@@ -454,11 +477,11 @@ __global__ void __launch_bounds__(kForwardThreads)
     for (int j = 0; j < k; ++j) in_other = in_other || other_ids[j] == id;
     const acc_t own = top_value[i];
     if (from_student) {
-      cand.log_p[i] = own * inv_tau - student_lse;
-      cand.log_q[i] = E::to_acc(teacher[id]) * inv_tau - teacher_lse;
+      cand.log_p[i] = log_p(own);
+      cand.log_q[i] = log_q(E::to_acc(teacher[id]));
     } else {
-      cand.log_p[i] = E::to_acc(student[id]) * inv_tau - student_lse;
-      cand.log_q[i] = own * inv_tau - teacher_lse;
+      cand.log_p[i] = log_p(E::to_acc(student[id]));
+      cand.log_q[i] = log_q(own);
     }
     cand.in_student[i] = from_student;
     cand.in_teacher[i] = from_student ? in_other : true;
@@ -479,8 +502,8 @@ __global__ void __launch_bounds__(kForwardThreads)
     ++count;
   }
   if (p.sampled_ids != nullptr && set_sampled_token(stats, p.sampled_ids[row], vocab)) {
-    stats.sampled_log_p = E::to_acc(student[stats.sampled_id]) * inv_tau - student_lse;
-    stats.sampled_log_q = E::to_acc(teacher[stats.sampled_id]) * inv_tau - teacher_lse;
+    stats.sampled_log_p = log_p(E::to_acc(student[stats.sampled_id]));
+    stats.sampled_log_q = log_q(E::to_acc(teacher[stats.sampled_id]));
   }
   finish_forward_row(p, row, stats, cand.first(count));
 }

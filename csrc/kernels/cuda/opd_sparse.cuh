@@ -6,7 +6,8 @@
 // row_topk, per row x (V,): one CTA of kForwardThreads streams the row once, keeping an online
 // softmax state per thread and a running top-k per warp; the states are reduced over the
 // block, the per-warp lists merged by a bitonic sort, and the first k keys written:
-//   ids (N, k) int64 sorted by (value desc, id asc), log_probs (N, k) = value / tau - lse,
+//   ids (N, k) int64 sorted by (value desc, id asc), log_probs (N, k) = (value - max) / tau -
+//   log_norm (shifted before scaling),
 //   lse (N,), entropy (N,), all but ids in the accumulation type.
 // A row whose NaNs leave fewer than k orderable entries gets the CPU's filler (the lowest
 // unused ids, valued NaN; its lse is NaN anyway).
@@ -117,13 +118,14 @@ __device__ __forceinline__ void stream_row(SingleStream<acc_t, kSlots>& st,
 template <typename acc_t>
 __device__ __forceinline__ SoftmaxState<acc_t> softmax_block_reduce(SoftmaxState<acc_t> state,
                                                                     SoftmaxState<acc_t>* scratch,
-                                                                    int warp, int lane) {
-  state = softmax_warp_reduce(state);
+                                                                    acc_t inv_tau, int warp,
+                                                                    int lane) {
+  state = softmax_warp_reduce(state, inv_tau);
   if (lane == 0) scratch[warp] = state;
   __syncthreads();
   if (warp == 0) {
     SoftmaxState<acc_t> s = lane < kForwardWarps ? scratch[lane] : softmax_empty<acc_t>();
-    s = softmax_warp_reduce(s);
+    s = softmax_warp_reduce(s, inv_tau);
     if (lane == 0) scratch[kForwardWarps] = s;
   }
   __syncthreads();
@@ -157,7 +159,8 @@ __global__ void __launch_bounds__(kForwardThreads)
   auto* keys = dynamic_smem<typename Ops::type>();
   st.top.store(keys + warp * kpad, k, kpad, lane);
   // Its barriers also publish the per-warp key lists.
-  const SoftmaxState<acc_t> s = softmax_block_reduce(st.softmax, topk_warp_softmax, warp, lane);
+  const SoftmaxState<acc_t> s =
+      softmax_block_reduce(st.softmax, topk_warp_softmax, inv_tau, warp, lane);
   block_sort_descending<acc_t>(keys, kForwardWarps * kpad, 1);
 
   for (int i = tid; i < k; i += kForwardThreads) {
@@ -167,13 +170,13 @@ __global__ void __launch_bounds__(kForwardThreads)
   __syncthreads();
   if (tid == 0) fill_if_short(topk_id, topk_value, k);
   __syncthreads();
-  const acc_t lse = softmax_lse(s);
+  const acc_t log_norm = softmax_log_norm(s);
   for (int i = tid; i < k; i += kForwardThreads) {
     p.ids[row * k + i] = topk_id[i];
-    p.log_probs[row * k + i] = topk_value[i] * inv_tau - lse;
+    p.log_probs[row * k + i] = shifted_log_prob(topk_value[i], s.max, inv_tau, log_norm);
   }
   if (tid == 0) {
-    p.lse[row] = lse;
+    p.lse[row] = softmax_lse(s, inv_tau);
     p.entropy[row] = softmax_entropy(s);
   }
 }
@@ -203,8 +206,9 @@ __global__ void __launch_bounds__(kForwardThreads)
   st.softmax = softmax_empty<acc_t>();
   stream_row<false>(st, student, vocab, inv_tau, k, lane);
   const SoftmaxState<acc_t> s =
-      softmax_block_reduce(st.softmax, sparse_warp_softmax, warp, lane);
-  const acc_t student_lse = softmax_lse(s);
+      softmax_block_reduce(st.softmax, sparse_warp_softmax, inv_tau, warp, lane);
+  const acc_t log_norm = softmax_log_norm(s);
+  auto log_p = [&](acc_t z) { return shifted_log_prob(z, s.max, inv_tau, log_norm); };
 
   // Ids come from another process: out-of-range ones give NaN, never an out-of-bounds read.
   const int64_t* student_ids = p.student_topk_ids + row * k;
@@ -212,19 +216,21 @@ __global__ void __launch_bounds__(kForwardThreads)
   for (int i = tid; i < 2 * k; i += kForwardThreads) {
     const int64_t id = i < k ? student_ids[i] : teacher_ids[i - k];
     gathered_log_p[i] =
-        id >= 0 && id < vocab ? E::to_acc(student[id]) * inv_tau - student_lse : acc_t(NAN);
+        id >= 0 && id < vocab ? log_p(E::to_acc(student[id])) : acc_t(NAN);
   }
   __syncthreads();
   if (tid != 0) return;
 
   RowStats<acc_t> stats{};
-  stats.student_lse = student_lse;
+  stats.student_lse = softmax_lse(s, inv_tau);
+  stats.student_max = s.max;
+  stats.student_log_norm = log_norm;
   stats.student_entropy = softmax_entropy(s);
   stats.teacher_lse = 0;  // unknown to the student side; not needed without full_vocab
   stats.teacher_entropy = p.teacher_entropy[row];
   if (p.sampled_ids != nullptr) {
     if (set_sampled_token(stats, p.sampled_ids[row], vocab)) {
-      stats.sampled_log_p = E::to_acc(student[stats.sampled_id]) * inv_tau - student_lse;
+      stats.sampled_log_p = log_p(E::to_acc(student[stats.sampled_id]));
     }
     stats.sampled_log_q = p.teacher_sampled_log_probs[row];
   }
