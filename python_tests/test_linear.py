@@ -431,3 +431,14 @@ def test_non_finite_values_are_named():
     # A masked-out NaN row is skipped, like opd_loss does.
     out = linear_opd_loss(hidden, W, T_LOGITS, vocab=VOCAB, mask=torch.tensor([1, 1, 0, 1]).bool())
     assert torch.isfinite(out.loss)
+
+
+def test_only_the_loss_is_differentiable():
+    hidden, weight, bias, teacher = _problem((2, 5), seed=23)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    for reduction in ("token_mean", "none"):
+        out = linear_opd_loss(*leaves, teacher, vocab=VOCAB, k=4, reduction=reduction,
+                              return_token_metrics=True)  # fmt: skip
+        assert out.loss.requires_grad
+        tensors = list(out.metrics.values()) + list(out.token_metrics.values())
+        assert not any(t.requires_grad for t in tensors)

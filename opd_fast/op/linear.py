@@ -130,9 +130,11 @@ def linear_opd_forward(
     weight_rows = student_weight[:vocab]
     if compute_grad:
         grad_hidden = torch.empty_like(student_hidden)
-        # Low-precision weight gradients are summed over chunks in fp32 (one rounding at the
-        # end, as the materialised path's single GEMM has).
-        grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=device)
+        # A low-precision weight gradient summed over several chunks is summed in fp32 (one
+        # rounding at the end, as the materialised path's single GEMM has).
+        sum_dtype = dtype if rows <= chunk_tokens else acc
+        grad_weight = torch.empty(student_weight.shape, dtype=sum_dtype, device=device)
+        grad_weight[vocab:].zero_()  # padded rows: no logit, no gradient
         grad_bias = torch.zeros(student_weight.shape[0], dtype=acc, device=device)
     for start in range(0, rows, chunk_tokens):
         end = min(start + chunk_tokens, rows)
@@ -180,11 +182,16 @@ def linear_opd_forward(
         )
         del student, teacher
         torch.mm(grad_logits, weight_rows, out=grad_hidden[start:end])
-        if dtype == acc:
+        if start == 0 and sum_dtype == dtype:
+            torch.mm(grad_logits.t(), hidden, out=grad_weight[:vocab])
+        elif start == 0:
+            grad_weight[:vocab].copy_(torch.mm(grad_logits.t(), hidden))
+        elif sum_dtype == dtype:
             grad_weight[:vocab].addmm_(grad_logits.t(), hidden)
         else:
             grad_weight[:vocab] += torch.mm(grad_logits.t(), hidden)
-        grad_bias[:vocab] += grad_logits.sum(0, dtype=acc)
+        if student_bias is not None:
+            grad_bias[:vocab] += grad_logits.sum(0, dtype=acc)
         del grad_logits
     valid_rows = (
         torch.ones(rows, dtype=torch.bool, device=device) if row_valid is None else row_valid
@@ -250,6 +257,7 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs (the per-token loss of a scalar reduction) get no gradient, so the
     # backward can tell which pass it needs.
     ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[2:])  # metrics, log-partitions, gradients
     ctx.save_for_backward(
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, t_sampled,
         sampled_ids, row_valid, grad_hidden, grad_weight, grad_bias, *payload,
