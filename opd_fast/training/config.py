@@ -81,6 +81,10 @@ class TrainConfig:
     estimator: str = "pg"
     loss_temperature: float = 1.0
     reduction: str = "token_mean"
+    # fused_linear: the loss from hidden states in token chunks (no (B, T, V) logits, for the
+    # student or an in-process teacher); logits: the student's full logits (a payload teacher,
+    # a server or an OpenAI-compatible engine, always uses this path).
+    loss_path: str = "fused_linear"
 
     # Optimiser.
     lr: float = 1e-6
@@ -128,6 +132,10 @@ class TrainConfig:
             raise ValueError(
                 "config: reduction must be token_mean or seq_mean_token_sum, "
                 f"got {self.reduction!r}"
+            )
+        if self.loss_path not in ("fused_linear", "logits"):
+            raise ValueError(
+                f"config: loss_path must be fused_linear or logits, got {self.loss_path!r}"
             )
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ValueError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import resource
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from opd_fast.training import checkpoint as ckpt
 from opd_fast.training.config import TrainConfig, make_config
 from opd_fast.training.data import Example, PromptSampler, load_examples
 from opd_fast.training.grading import is_correct
+from opd_fast.training.memory import PeakMemory
 from opd_fast.training.metrics import (
     MetricsLog,
     PositionProfile,
@@ -39,7 +39,7 @@ from opd_fast.training.metrics import (
 from opd_fast.training.pair import load_pair
 from opd_fast.training.plots import plot_dynamics
 from opd_fast.training.rollout import RolloutBatch, sample
-from opd_fast.training.scoring import LossSettings, score_batch
+from opd_fast.training.scoring import LossSettings, choose_loss_path, score_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,12 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def lr_lambda(config: TrainConfig):
@@ -112,6 +106,12 @@ class Trainer:
             temperature=config.loss_temperature,
             vocab=self.vocab,
         )
+        self.loss_path, why = choose_loss_path(
+            config.loss_path, self.student, self.teacher, loss_fn
+        )
+        if self.loss_path != config.loss_path:
+            print(why, flush=True)
+        self.memory = PeakMemory(self.device)
 
         self.train_examples = load_examples(self.paths["train_data"])
         self.eval_examples = load_examples(self.paths["eval_data"])
@@ -196,6 +196,7 @@ class Trainer:
             self.loss_settings,
             reduction="sum" if config.reduction == "token_mean" else "seq_mean_token_sum",
             loss_fn=self.loss_fn,
+            loss_path=self.loss_path,
         )
         timers["teacher"] += scored.teacher_seconds
         output = scored.output
@@ -209,8 +210,11 @@ class Trainer:
         config = self.config
         timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0}
         started = time.perf_counter()
+        self.memory.start()
         batch, examples = self.rollouts()
         timers["rollout"] = time.perf_counter() - started
+        rollout_peak_mib = self.memory.peak_mib()
+        self.memory.start()
         rewards = [is_correct(r, e.answer) for r, e in zip(batch.responses, examples)]
 
         started = time.perf_counter()
@@ -260,7 +264,11 @@ class Trainer:
             teacher_tokens_per_s=tokens / max(timers["teacher"], 1e-9),
             train_tokens_per_s=tokens / max(timers["train"], 1e-9),
             step_seconds=sum(timers.values()),
-            peak_memory_mib=peak_memory_mib(self.device),
+            # The step's own peaks: its rollouts', and its scoring + update's (the loss path's).
+            rollout_peak_memory_mib=rollout_peak_mib,
+            train_peak_memory_mib=self.memory.peak_mib(),
+            peak_memory_mib=self.memory.overall_mib,
+            loss_path=self.loss_path,
         )
         self.log.write(record)
         return record
