@@ -199,7 +199,11 @@ def _subprocess_row(args, impl, rows, hidden_size, dtype) -> dict:
     argv += ["--torch-chunk", str(args.torch_chunk)]
     if args.chunk_tokens:
         argv += ["--chunk-tokens", str(args.chunk_tokens)]
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=args.max_row_s)
+    try:
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=args.max_row_s)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "n": rows, "hidden": hidden_size, "dtype": dtype,
+                "status": "failed", "error": f"timed out after {args.max_row_s} s"}  # fmt: skip
     if completed.returncode != 0:
         return {"impl": impl, "n": rows, "hidden": hidden_size, "dtype": dtype,
                 "status": "failed", "error": completed.stderr[-2000:]}  # fmt: skip

@@ -6,7 +6,9 @@
 # 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there)
 # 4. training smoke run: two tiny random Qwen3 models in bf16, 8 OPD steps, tokens/s of rollout,
 #    teacher scoring and training (bench/train_smoke.py)
-# 5. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
+# 5. fused linear OPD, the issue-10 GPU row: N=32768, V=151,936, H=2048, bf16, fwd+bwd,
+#    linear_opd_loss vs materialised logits vs chunked PyTorch (bench/bench_linear.py)
+# 6. GPU benchmark: bf16, N in {1024, 8192, 32768}, V=151,936, k=16, fwd and fwd_bwd,
 #    opd_fast vs eager reference vs eager_careful vs torch.compile(reference); baselines that
 #    would not fit in GPU memory or in the time left are skipped (the JSON says why)
 # Each step has its own timeout and a failed step does not stop the next; the whole run stays
@@ -88,7 +90,12 @@ fi
 # 4. the trainer end to end on the GPU
 run_step train_smoke 90 "$PYTHON" bench/train_smoke.py --device cuda --out "$OUT/train-smoke.json"
 
-# 5. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
+# 5. fused linear OPD (targets: peak extra memory < 1.5 GB, time <= 1.1x materialised)
+run_step bench_linear 90 "$PYTHON" bench/bench_linear.py --device cuda \
+    --n 32768 --hidden 2048 --dtypes bf16 --vocab 151936 --k 16 --repeats 3 \
+    --impls fused materialised chunked_torch --max-row-s 40 --out "$OUT/bench-linear-gpu.json"
+
+# 6. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
 BENCH_LIMIT=$((TOTAL_BUDGET_S - $(elapsed)))
 if ((BENCH_LIMIT < 90)); then BENCH_LIMIT=90; fi
 run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
@@ -112,6 +119,10 @@ run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
     if [[ -f "$OUT/train-smoke.json" ]]; then
         echo "--- train smoke"
         cat "$OUT/train-smoke.json"
+    fi
+    if [[ -f "$OUT/bench_linear.log" ]]; then
+        echo "--- bench_linear"
+        sed -n '/^| N |/,$p' "$OUT/bench_linear.log"
     fi
     if [[ -f "$OUT/bench.log" ]]; then
         echo "--- bench"

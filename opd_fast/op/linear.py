@@ -33,8 +33,9 @@ from opd_fast.op.reference import reduce_rows
 
 # The working memory a chunk may use: its student logits, their gradient and (for a
 # LinearTeacher) the teacher's logits, each (chunk, vocab) in the hidden states' dtype.
-# 256 MiB is 147 tokens at V = 151,936 in fp32 with teacher logits given: enough rows for the
-# GEMMs to run at full speed, and a small fraction of the (N, V) tensors it replaces.
+# 256 MiB is 220 tokens at V = 151,936 in fp32 with teacher logits given (147 with a
+# LinearTeacher): enough rows for the GEMMs to run at full speed, and a small fraction of
+# the (N, V) tensors it replaces.
 CHUNK_MEMORY_BYTES = 256 * 2**20
 
 _PAYLOAD_FIELDS = ("requested_ids", "topk_ids", "topk_log_probs", "requested_log_probs", "entropy")
