@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh
 # 1. GPU info (nvidia-smi)
 # 2. build the CUDA extension: MAX_JOBS=16 OPD_FAST_CUDA_ARCHS=90 pip install -e .
-# 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there)
+# 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there), and
+#    the CUDA-marked tests of python_tests/test_linear.py
 # 4. training smoke run: two tiny random Qwen3 models in bf16, 8 OPD steps, tokens/s of rollout,
 #    teacher scoring and training (bench/train_smoke.py)
 # 5. fused linear OPD, the issue-10 GPU row: N=32768, V=151,936, H=2048, bf16, fwd+bwd,
@@ -86,6 +87,9 @@ else
     STEPS+=("test_cuda(missing)")
     CODES+=("skipped")
 fi
+
+# 3b. the fused linear op on the GPU (its CUDA-marked tests)
+run_step test_linear_cuda 60 "$PYTHON" -m pytest python_tests/test_linear.py -q -m cuda
 
 # 4. the trainer end to end on the GPU
 run_step train_smoke 90 "$PYTHON" bench/train_smoke.py --device cuda --out "$OUT/train-smoke.json"
