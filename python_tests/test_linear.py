@@ -239,6 +239,16 @@ def test_tied_embeddings_and_padded_rows():
     assert grad[VOCAB:].abs().sum() == 0 or tokens.max() >= VOCAB
 
 
+def test_no_tokens():
+    """N = 0: loss 0, no metric rows, zero gradients (not uninitialised memory)."""
+    hidden, weight, bias, teacher = _problem((0,), seed=27)
+    teacher = LinearTeacher(teacher.hidden, teacher.weight)
+    out, grads = _fused(hidden, weight, bias, teacher, vocab=VOCAB, k=4, reduction="sum")
+    assert float(out.loss.detach()) == 0 and float(out.metrics["num_tokens"]) == 0
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_no_bias_and_no_grad():
     hidden, weight, _, teacher = _problem((2, 7), bias=False)
     fused = _fused(hidden, weight, None, teacher, vocab=VOCAB, chunk_tokens=3, k=4)

@@ -135,7 +135,8 @@ def linear_opd_forward(
         # rounding at the end, as the materialised path's single GEMM has).
         sum_dtype = dtype if rows <= chunk_tokens else acc
         grad_weight = torch.empty(student_weight.shape, dtype=sum_dtype, device=device)
-        grad_weight[vocab:].zero_()  # padded rows: no logit, no gradient
+        # Padded rows (no logit) get no gradient; with no tokens, no row does.
+        grad_weight[vocab if rows else 0 :].zero_()
         grad_bias = torch.zeros(student_weight.shape[0], dtype=acc, device=device)
     for start in range(0, rows, chunk_tokens):
         end = min(start + chunk_tokens, rows)
@@ -448,7 +449,7 @@ def linear_opd_loss(
     teacher_logits = teacher_hidden = teacher_weight = teacher_bias = None
     payload, teacher_sampled = [], None
     if linear_teacher:
-        teacher_hidden = teacher.hidden.reshape(rows, -1)
+        teacher_hidden = teacher.hidden.reshape(rows, teacher.hidden.shape[-1])
         teacher_weight, teacher_bias = teacher.weight, teacher.bias
     elif isinstance(teacher, TeacherPayload):
         payload = [
