@@ -76,8 +76,11 @@ def test_end_to_end_writes_run_folder(tmp_path, family):
         "teacher_tokens_per_s",
         "train_tokens_per_s",
         "peak_memory_mib",
+        "rollout_peak_memory_mib",
+        "train_peak_memory_mib",
     ):
         assert first[name] > 0
+    assert first["loss_path"] == "fused_linear"
     assert os.path.exists(
         os.path.join(run_dir, "checkpoints", "step_000004", "model", "model.safetensors")
     )
@@ -396,3 +399,21 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_step_peak_memory_is_reset_between_stretches():
+    """PeakMemory on CPU: a 256 MiB tensor made and freed in one stretch shows in its peak,
+    not in the next stretch's; the run's peak keeps it."""
+    from opd_fast.training import memory
+
+    if not memory._reset_rss_peak():
+        pytest.skip("this kernel does not let a process reset its RSS high-water mark")
+    tracker = memory.PeakMemory(torch.device("cpu"))
+    tracker.start()
+    big = torch.ones(256 * 2**20 // 4)
+    del big
+    high = tracker.peak_mib()
+    tracker.start()
+    low = tracker.peak_mib()
+    assert high - low > 200
+    assert tracker.overall_mib == high
