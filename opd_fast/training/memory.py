@@ -35,8 +35,8 @@ def _rss_peak_mib() -> float:
 
 
 class PeakMemory:
-    """start() then peak_mib(): the peak since start; overall_mib: the peak of the run so far
-    (what resetting the counters would otherwise lose)."""
+    """start() then peak_mib(): the peak since start; overall_mib: the largest peak_mib() so
+    far (what resetting the counters would otherwise lose)."""
 
     def __init__(self, device: torch.device):
         self.device = device
