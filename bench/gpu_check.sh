@@ -3,13 +3,16 @@
 #   bash bench/gpu_check.sh
 # 1. GPU info (nvidia-smi)
 # 2. build the CUDA extension: MAX_JOBS=16 OPD_FAST_CUDA_ARCHS=90 pip install -e .
-# 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there)
+# 3. pytest python_tests/test_cuda.py (skipped, not failed, if the file is not there), and
+#    the CUDA-marked tests of python_tests/test_linear.py
 # 4. training smoke run: two tiny random Qwen3 models in bf16, 8 OPD steps, tokens/s of rollout,
 #    teacher scoring and training (bench/train_smoke.py); then the same on one rank under
 #    torchrun: the FSDP2 path (fp32 master weights, bf16 compute, sharded checkpoint at the end)
 # 4b. rollout tokens/s of the hf and vllm engines, small random Qwen3 in bf16 (bench_rollout.py;
 #    vllm skipped with a message when it is not installed)
-# 5. GPU benchmark: bf16 and fp32, N in {1024, 8192}, V=151,936, k=16, fwd_bwd and fwd,
+# 5. fused linear OPD, the issue-10 GPU row: N=32768, V=151,936, H=2048, bf16, fwd+bwd,
+#    linear_opd_loss vs materialised logits vs chunked PyTorch (bench/bench_linear.py)
+# 6. GPU benchmark: bf16 and fp32, N in {1024, 8192}, V=151,936, k=16, fwd_bwd and fwd,
 #    opd_fast vs careful eager vs torch.compile(careful eager) vs the machine's floor (and the
 #    reference, secondary); baselines that would not fit in GPU memory or in the time left are
 #    skipped (the JSON says why)
@@ -89,6 +92,9 @@ else
     CODES+=("skipped")
 fi
 
+# 3b. the fused linear op on the GPU (its CUDA-marked tests)
+run_step test_linear_cuda 60 "$PYTHON" -m pytest python_tests/test_linear.py -q -m cuda
+
 # 4. the trainer end to end on the GPU
 run_step train_smoke 90 "$PYTHON" bench/train_smoke.py --device cuda --out "$OUT/train-smoke.json"
 run_step train_smoke_fsdp2 120 "$PYTHON" -m torch.distributed.run --standalone \
@@ -106,7 +112,12 @@ else
     CODES+=("skipped")
 fi
 
-# 5. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
+# 5. fused linear OPD (targets: peak extra memory < 1.5 GB, time <= 1.1x materialised)
+run_step bench_linear 90 "$PYTHON" bench/bench_linear.py --device cuda \
+    --n 32768 --hidden 2048 --dtypes bf16 --vocab 151936 --k 16 --repeats 3 \
+    --impls fused materialised chunked_torch --max-row-s 40 --out "$OUT/bench-linear-gpu.json"
+
+# 6. benchmark with what is left of the budget (at least 90 s; baselines stop 45 s early)
 BENCH_LIMIT=$((TOTAL_BUDGET_S - $(elapsed)))
 if ((BENCH_LIMIT < 90)); then BENCH_LIMIT=90; fi
 run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
@@ -139,6 +150,10 @@ run_step bench "$BENCH_LIMIT" "$PYTHON" bench/bench_opd.py --device cuda \
     if [[ -f "$OUT/rollout-gpu.json" ]]; then
         echo "--- rollout tokens/s"
         grep -h '^\(hf\|vllm\): ' "$OUT/rollout_hf.log" "$OUT/rollout_vllm.log" 2> /dev/null || true
+    fi
+    if [[ -f "$OUT/bench_linear.log" ]]; then
+        echo "--- bench_linear"
+        sed -n '/^| N |/,$p' "$OUT/bench_linear.log"
     fi
     if [[ -f "$OUT/bench.log" ]]; then
         echo "--- bench"

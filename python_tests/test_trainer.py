@@ -3,6 +3,7 @@ fused op vs reference (Liger-style convergence), config and input validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -75,8 +76,11 @@ def test_end_to_end_writes_run_folder(tmp_path, family):
         "teacher_tokens_per_s",
         "train_tokens_per_s",
         "peak_memory_mib",
+        "rollout_peak_memory_mib",
+        "train_peak_memory_mib",
     ):
         assert first[name] > 0
+    assert first["loss_path"] == "fused_linear"
     assert os.path.exists(
         os.path.join(run_dir, "checkpoints", "step_000004", "model", "model.safetensors")
     )
@@ -167,6 +171,67 @@ def test_convergence_fused_matches_reference(tmp_path, tiny, variant):
             assert got[name] == pytest.approx(want[name], rel=2e-3, abs=1e-5), name
 
 
+def test_loss_paths_train_the_same_model(tmp_path, tiny):
+    """fused_linear (hidden states, chunked) and logits (full logits) give the same run: every
+    metric of every step, and the same evaluations (tiny Qwen3s with tied embeddings, the
+    teacher's table padded by 64 rows)."""
+    run = {**tiny, **TINY_RUN, "steps": 3, "eval_every": 0, "checkpoint_every": 0}
+    runs = {}
+    for path in ("fused_linear", "logits"):
+        run_dir = str(tmp_path / path)
+        Trainer(make_config(dict(run, run_dir=run_dir, loss_path=path))).run()
+        runs[path] = _records(run_dir)
+    assert [r.get("loss_path") for r in runs["fused_linear"] if r["kind"] == "train"] == [
+        "fused_linear"
+    ] * 3
+    assert len(runs["fused_linear"]) == len(runs["logits"])
+    for got, want in zip(runs["fused_linear"], runs["logits"]):
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            if name == "loss_path":
+                continue
+            if isinstance(value, float):
+                assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+            else:
+                assert got[name] == value, name
+
+
+def test_fused_linear_path_never_calls_an_output_layer(tmp_path, tiny):
+    """On the fused path neither model's lm_head runs while scoring (no (B, T, V) logits);
+    on the logits path both do."""
+    for path, expected in (("fused_linear", 0), ("logits", 2)):
+        config = make_config(dict(**tiny, **TINY_RUN, run_dir=str(tmp_path / path), loss_path=path))
+        trainer = Trainer(config)
+        batch, _ = trainer.rollouts()
+        calls = []
+        heads = [trainer.student.get_output_embeddings()]
+        heads.append(trainer.teacher.local_model.get_output_embeddings())
+        hooks = [
+            h.register_forward_hook(lambda *a, h=h, calls=calls: calls.append(h)) for h in heads
+        ]
+        try:
+            scaled, _ = trainer.loss_on(batch, batch.num_response_tokens, 1, {"teacher": 0.0})
+            scaled.backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert len({id(h) for h in calls}) == expected, path
+
+
+def test_payload_teacher_keeps_the_logits_path():
+    from opd_fast.training.scoring import choose_loss_path
+
+    class PayloadOnly:
+        returns = "payload"
+
+    path, why = choose_loss_path("fused_linear", object(), PayloadOnly())
+    assert path == "logits"
+    assert "PayloadOnly answers with payload, not hidden states" in why
+    assert choose_loss_path("logits", object(), PayloadOnly())[0] == "logits"
+    with pytest.raises(ValueError, match="loss_path must be one of"):
+        choose_loss_path("hidden", object(), PayloadOnly())
+
+
 def test_unknown_config_key_lists_valid_keys():
     with pytest.raises(ValueError, match="unknown key.*'learning_rate'.*valid keys: .*lr"):
         make_config({"learning_rate": 1.0})
@@ -185,6 +250,7 @@ def test_unknown_config_key_lists_valid_keys():
         ({"student": "/nonexistent/model"}, "student path does not exist"),
         ({"train_data": "/nonexistent.jsonl"}, "train_data path does not exist"),
         ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"loss_path": "hidden"}, "loss_path must be one of fused_linear, logits"),
     ],
 )
 def test_bad_config_values(values, message):
@@ -261,20 +327,29 @@ def test_shared_vocab_size_drops_padding_and_names_a_real_mismatch():
         shared_vocab_size(rows - 1, rows + 128, tokenizer)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny):
+@pytest.mark.parametrize("loss_path", ["fused_linear", "logits"])
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, loss_path):
     run_dir = str(tmp_path / "run")
-    config = make_config({**tiny, **TINY_RUN, "steps": 6, "run_dir": run_dir})
+    config = make_config(
+        {**tiny, **TINY_RUN, "steps": 6, "run_dir": run_dir, "loss_path": loss_path}
+    )
     trainer = Trainer(config)
-    real_logits = trainer.teacher.logits
+    # What the teacher answers with on this path: logits, or hidden states.
+    answer = "logits" if loss_path == "logits" else "linear_teacher"
+    real_answer = getattr(trainer.teacher, answer)
     calls = {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
-        logits = real_logits(*args)
+        result = real_answer(*args)
         # Step 3 onwards (each step has 3 micro-batches): NaN teacher logits.
-        return logits * float("nan") if calls["n"] > 6 else logits
+        if calls["n"] <= 6:
+            return result
+        if answer == "logits":
+            return result * float("nan")
+        return dataclasses.replace(result, hidden=result.hidden * float("nan"))
 
-    trainer.teacher.logits = poisoned
+    setattr(trainer.teacher, answer, poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 3.*step_000002"):
         trainer.run()
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_000002"))
@@ -324,3 +399,21 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_step_peak_memory_is_reset_between_stretches():
+    """PeakMemory on CPU: a 256 MiB tensor made and freed in one stretch shows in its peak,
+    not in the next stretch's; the run's peak keeps it."""
+    from opd_fast.training import memory
+
+    if not memory._reset_rss_peak():
+        pytest.skip("this kernel does not let a process reset its RSS high-water mark")
+    tracker = memory.PeakMemory(torch.device("cpu"))
+    tracker.start()
+    big = torch.ones(256 * 2**20 // 4)
+    del big
+    high = tracker.peak_mib()
+    tracker.start()
+    low = tracker.peak_mib()
+    assert high - low > 200
+    assert tracker.overall_mib == high

@@ -1,6 +1,7 @@
 """Hugging Face causal LMs as opd_fast uses them: loading from local directories (`loading`:
-device, dtype, attention, weights, tokenizer) and what a student and teacher must share
-(`vocabulary`: one tokenizer, the shared logit columns, the EOS ids).
+device, dtype, attention, weights, tokenizer), what a student and teacher must share
+(`vocabulary`: one tokenizer, the shared logit columns, the EOS ids), and a model split at its
+output layer (`output_layer`: final hidden states, lm_head weight and bias).
 
 Imports: torch and transformers only, nothing else of opd_fast.
 """

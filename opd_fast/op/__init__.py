@@ -2,7 +2,8 @@
 
 Owns the op's names and limits (`names`), loading the compiled extension (`_extension`), the
 Python face of the CPU/CUDA kernels with their fake kernels and autograd (`kernels`), the
-public loss with its argument checks (`loss`: `opd_loss`, `OPDLoss`), the teacher payload
+public loss with its argument checks (`loss`: `opd_loss`, `OPDLoss`), the same loss straight
+from hidden states in chunks (`linear`: `linear_opd_loss`, `LinearTeacher`), the teacher payload
 (`payload`) and the readable pure-PyTorch reference the kernels are tested against
 (`reference`). The kernels themselves are in csrc/; the math in docs/math.md.
 
@@ -10,6 +11,7 @@ Imports: torch and numpy only, nothing else of opd_fast.
 """
 
 from opd_fast.op._extension import build_info, extension_available
+from opd_fast.op.linear import LinearTeacher, linear_opd_loss
 from opd_fast.op.loss import NonFiniteLogitsError, OPDLoss, OPDLossOutput, opd_loss
 from opd_fast.op.names import ESTIMATORS, MAX_K, TOKEN_METRIC_NAMES, VARIANTS
 from opd_fast.op.payload import TeacherPayload, payload_from_logits
@@ -17,6 +19,7 @@ from opd_fast.op.payload import TeacherPayload, payload_from_logits
 __all__ = [
     "ESTIMATORS",
     "MAX_K",
+    "LinearTeacher",
     "NonFiniteLogitsError",
     "OPDLoss",
     "OPDLossOutput",
@@ -25,6 +28,7 @@ __all__ = [
     "VARIANTS",
     "build_info",
     "extension_available",
+    "linear_opd_loss",
     "opd_loss",
     "payload_from_logits",
 ]

@@ -248,3 +248,19 @@ def opd_loss(
     else:
         valid = mask.reshape(-1).bool()
     return reduce_rows(loss_rows, valid, reduction, batch_shape), metrics, valid
+
+
+def linear_logits(hidden, weight, bias=None, vocab=None):
+    """hidden (..., H) @ weight[:vocab].T (+ bias[:vocab]) -> (..., vocab): the logits that
+    opd_fast.linear_opd_loss never materialises whole."""
+    vocab = weight.shape[0] if vocab is None else vocab
+    logits = hidden @ weight[:vocab].T
+    return logits if bias is None else logits + bias[:vocab]
+
+
+def linear_opd_loss(student_hidden, student_weight, teacher_logits, *, student_bias=None,
+                    vocab=None, **settings):  # fmt: skip
+    """Reference counterpart of opd_fast.linear_opd_loss: the materialised logits through
+    opd_loss above (teacher_logits: (..., vocab); build a linear teacher's with linear_logits)."""
+    logits = linear_logits(student_hidden, student_weight, student_bias, vocab)
+    return opd_loss(logits, teacher_logits, **settings)

@@ -2,14 +2,17 @@
 
 It runs the model in chunks of `batch_size` sequences so its memory stays bounded, and
 returns the logits at the scored positions, sliced to the shared vocabulary: every variant,
-full_vocab included, is exact.
+full_vocab included, is exact. For the fused linear loss it returns instead its final hidden
+states with its output layer (`linear_teacher`), so its (B, T, V) logits never exist.
 """
 
 from __future__ import annotations
 
 import torch
 
+from opd_fast.models.output_layer import last_hidden_states, nonlinear_head_reason, output_layer
 from opd_fast.models.vocabulary import output_rows
+from opd_fast.op.linear import LinearTeacher
 from opd_fast.op.names import VARIANTS
 from opd_fast.teachers.base import LOGITS, ScoreRequest
 
@@ -26,6 +29,30 @@ class LocalTeacher:
     @property
     def local_model(self) -> torch.nn.Module:
         return self.model
+
+    @property
+    def linear_head_reason(self) -> str | None:
+        """Why linear_teacher cannot stand for the logits (None: it can)."""
+        return nonlinear_head_reason(self.model)
+
+    @torch.no_grad()
+    def linear_teacher(self, input_ids, attention_mask, position_ids, dtype) -> LinearTeacher:
+        """(B, L) ids -> LinearTeacher of the (B, L-1, H) hidden states at the scored positions
+        (position t predicts token t + 1) and the output layer, in `dtype`."""
+        chunks = []
+        for start in range(0, input_ids.shape[0], self.batch_size):
+            end = start + self.batch_size
+            hidden = last_hidden_states(
+                self.model, input_ids[start:end], attention_mask[start:end], position_ids[start:end]
+            )
+            chunks.append(hidden[:, :-1])
+        hidden = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        weight, bias = output_layer(self.model)
+        return LinearTeacher(
+            hidden.to(dtype),
+            weight.detach().to(dtype),
+            None if bias is None else bias.detach().to(dtype),
+        )
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:

@@ -82,6 +82,7 @@ _CHOICES = {
     "reduction": ("token_mean", "seq_mean_token_sum"),
     "lr_schedule": ("constant", "cosine", "linear"),
     "rollout_engine": ENGINE_NAMES,
+    "loss_path": ("fused_linear", "logits"),
 }
 
 # auto | cpu | cuda | cuda:N (whether that device exists is checked when models are placed).
@@ -124,6 +125,10 @@ class TrainConfig:
     estimator: str = "pg"
     loss_temperature: float = 1.0
     reduction: str = "token_mean"
+    # fused_linear: the loss from hidden states in token chunks (no (B, T, V) logits, for the
+    # student or an in-process teacher); logits: the student's full logits (a payload teacher,
+    # a server or an OpenAI-compatible engine, always uses this path).
+    loss_path: str = "fused_linear"
 
     # Optimiser.
     lr: float = 1e-6

@@ -28,6 +28,35 @@ def sampled_log_probs(
         return picked - torch.logsumexp(scaled, dim=-1)
 
 
+def sampled_log_probs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    vocab: int,
+    sampled_ids: torch.Tensor,
+    temperature: float,
+    chunk_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """sampled_log_probs of the logits hidden @ weight[:vocab].T (+ bias), formed a chunk of
+    tokens at a time (the fused_linear loss path never holds (B, T, V) logits).
+
+    hidden: (B, T, H); sampled_ids: (B, T). Returns (B, T) float32.
+    """
+    rows, ids = hidden.reshape(-1, hidden.shape[-1]), sampled_ids.reshape(-1)
+    chunk = max(1, chunk_bytes // (vocab * 4 * 2))  # the fp32 logits and their scaled copy
+    out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, ids.numel(), chunk):
+            part = rows[start : start + chunk]
+            logits = part @ weight[:vocab].t()
+            if bias is not None:
+                logits = logits + bias[:vocab]
+            out[start : start + chunk] = sampled_log_probs(
+                logits, ids[start : start + chunk], temperature
+            )
+    return out.reshape(sampled_ids.shape)
+
+
 def truncated_is_weights(
     train_log_probs: torch.Tensor, engine_log_probs: torch.Tensor, cap: float
 ) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import resource
 import signal
 import threading
 import time
@@ -40,6 +39,7 @@ from opd_fast.training.engines import RolloutEngine, SamplingSettings, make_engi
 from opd_fast.training.engines.base import sample_examples
 from opd_fast.training.grading import is_correct
 from opd_fast.training.loggers import open_run_log
+from opd_fast.training.memory import PeakMemory
 from opd_fast.training.metrics import (
     PositionProfile,
     StepMetrics,
@@ -50,7 +50,7 @@ from opd_fast.training.off_policy import OffPolicyGap
 from opd_fast.training.pair import load_pair
 from opd_fast.training.plots import plot_dynamics
 from opd_fast.training.rollout import RolloutBatch, encode_prompts
-from opd_fast.training.scoring import LossSettings, score_batch
+from opd_fast.training.scoring import LossSettings, choose_loss_path, score_batch
 from opd_fast.training.threads import cpu_threads
 
 
@@ -62,12 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def lr_lambda(config: TrainConfig):
@@ -146,6 +140,15 @@ class Trainer:
             temperature=config.loss_temperature,
             vocab=self.vocab,
         )
+        self.loss_path, why = choose_loss_path(
+            config.loss_path, self.student, self.teacher, loss_fn
+        )
+        if dist.active and self.loss_path == "fused_linear":  # FSDP2 gathers in forward()
+            self.loss_path = "logits"
+            why = "loss_path=fused_linear is not supported in a multi-rank run yet: using logits"
+        if self.loss_path != config.loss_path:
+            print(why, flush=True)
+        self.memory = PeakMemory(self.device)
 
         positions = getattr(self.student.config, "max_position_embeddings", None)
         for examples in (self.train_examples, self.eval_examples):
@@ -272,6 +275,7 @@ class Trainer:
             loss_fn=self.loss_fn,
             rollout_temperature=config.rollout_temperature,
             is_cap=config.rollout_is_cap or None,
+            loss_path=self.loss_path,
         )
         timers["teacher"] += scored.teacher_seconds
         if scored.train_log_probs is not None:
@@ -293,8 +297,11 @@ class Trainer:
         config = self.config
         timers = {"rollout": 0.0, "teacher": 0.0, "train": 0.0, "sync": 0.0}
         started = time.perf_counter()
+        self.memory.start()
         batch, examples = self.rollouts()
         timers["rollout"] = time.perf_counter() - started
+        rollout_peak_mib = self.memory.peak_mib()
+        self.memory.start()
         rewards = [is_correct(r, e.answer) for r, e in zip(batch.responses, examples)]
 
         started = time.perf_counter()
@@ -357,7 +364,16 @@ class Trainer:
             train_tokens_per_s=tokens / max(timers["train"], 1e-9),
             weight_sync_seconds=timers["sync"],
             step_seconds=sum(timers.values()),
-            peak_memory_mib=self.dist.max({"peak": peak_memory_mib(self.device)})["peak"],
+            # The step's own peaks: its rollouts', and its scoring + update's (the loss path's);
+            # over ranks, the largest.
+            **self.dist.max(
+                {
+                    "rollout_peak_memory_mib": rollout_peak_mib,
+                    "train_peak_memory_mib": self.memory.peak_mib(),
+                    "peak_memory_mib": self.memory.overall_mib,
+                }
+            ),
+            loss_path=self.loss_path,
         )
         self.log.write(record)
         return record
