@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/row_loss.h"
 
 namespace opd_fast {
 namespace kernels {
