@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -31,6 +32,9 @@ TEST_THREADS = int(os.environ.get("OPD_TEST_THREADS", "1"))
 # A training run picks its thread count from the cores other processes leave free
 # (opd_fast/training/threads.py); tests that compare two runs need both on the same count.
 os.environ.setdefault("OPD_FAST_THREADS", str(DEFAULT_THREADS))
+# Inductor's on-disk cache does not notice a changed op schema: a cache from an earlier build
+# of the extension would replay stale graphs. Each test session compiles afresh.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="opd-fast-inductor-"))
 
 
 @pytest.fixture

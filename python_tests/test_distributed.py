@@ -28,6 +28,7 @@ WORKER = os.path.join(HERE, "distributed_worker.py")
 REPO = os.path.dirname(HERE)
 
 RUN = dict(
+    loss_path="logits",  # what a multi-rank run takes (FSDP2 gathers in forward()): same path
     steps=3,
     prompts_per_step=4,
     rollouts_per_prompt=2,
@@ -260,7 +261,9 @@ def test_two_rank_step_equals_single_process_step(tmp_path, tiny):
     result = torch.load(out, weights_only=False)
     assert result["parameters"].keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(result["parameters"][name], value, rtol=1e-5, atol=1e-6)
+        # AdamW divides by sqrt(v): where a gradient is near zero, the two processes' different
+        # summation orders move an update by a few 1e-6 (1 of 16,384 entries once).
+        torch.testing.assert_close(result["parameters"][name], value, rtol=1e-5, atol=5e-6)
     record = {k: v for k, v in result["record"].items() if not any(t in k for t in TIMING)}
     want = {k: v for k, v in expected_record.items() if not any(t in k for t in TIMING)}
     _assert_records_close([record], [want])

@@ -49,6 +49,7 @@ from opd_fast.training.trainer import Trainer
 PADDING = 64  # the tiny teacher's embedding table has 64 rows past the tokenizer
 FAST_RETRY = RetryPolicy(max_elapsed_s=2.0, initial_delay_s=0.01, max_delay_s=0.1)
 TINY_RUN = dict(
+    loss_path="logits",  # a payload teacher takes the logits path: compare like with like
     steps=3,
     prompts_per_step=4,
     rollouts_per_prompt=2,

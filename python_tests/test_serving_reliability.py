@@ -156,6 +156,7 @@ def test_server_killed_and_restarted_mid_training(tmp_path, tiny):
     """SIGKILL the teacher server during step 2 and start a new one on the same port: the
     client's retries bridge the gap, no step is lost, and the run equals an in-process one."""
     run = dict(
+        loss_path="logits",  # a payload teacher takes the logits path: compare like with like
         **tiny,
         steps=4,
         prompts_per_step=4,
