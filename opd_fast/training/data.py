@@ -66,21 +66,23 @@ def load_examples(path: str) -> list[Example]:
     return examples
 
 
-def check_prompt_lengths(examples, template: str, tokenizer, max_new_tokens: int, positions):
-    """ValueError naming the first example whose prompt plus max_new_tokens does not fit the
-    model's positions (beyond them a model repeats or invents positions, silently)."""
-    if not positions:
-        return
+def check_prompt_lengths(
+    examples, template: str, tokenizer, max_new_tokens: int, positions: int | None
+) -> int:
+    """The longest rendered prompt, in tokens. ValueError naming the first example whose
+    prompt plus max_new_tokens does not fit the model's `positions` (beyond them a model
+    repeats or invents positions, silently); None: no limit to check."""
     rendered = [render_prompt(example, template, tokenizer) for example in examples]
     encoded = tokenizer(rendered, add_special_tokens=True)["input_ids"]
     for example, ids in zip(examples, encoded):
         length = len(ids)
-        if length + max_new_tokens > positions:
+        if positions and length + max_new_tokens > positions:
             raise ValueError(
                 f"{example.source or 'a prompt'}: the prompt is {length} tokens; with "
                 f"max_new_tokens={max_new_tokens} it needs {length + max_new_tokens} positions, "
                 f"but the model has {positions} (max_position_embeddings)"
             )
+    return max((len(ids) for ids in encoded), default=0)
 
 
 def render_prompt(example: Example, template: str, tokenizer) -> str:

@@ -32,7 +32,6 @@ from opd_fast.training.data import (
     PromptSampler,
     check_prompt_lengths,
     load_examples,
-    render_prompt,
 )
 from opd_fast.training.distributed import Distributed, clip_grad_norm, teacher_url_for_rank
 from opd_fast.training.engines import RolloutEngine, SamplingSettings, make_engine
@@ -49,7 +48,7 @@ from opd_fast.training.metrics import (
 from opd_fast.training.off_policy import OffPolicyGap
 from opd_fast.training.pair import load_pair
 from opd_fast.training.plots import plot_dynamics
-from opd_fast.training.rollout import RolloutBatch, encode_prompts
+from opd_fast.training.rollout import RolloutBatch
 from opd_fast.training.scoring import LossSettings, choose_loss_path, score_batch
 from opd_fast.training.threads import cpu_threads
 
@@ -151,10 +150,12 @@ class Trainer:
         self.memory = PeakMemory(self.device)
 
         positions = getattr(self.student.config, "max_position_embeddings", None)
-        for examples in (self.train_examples, self.eval_examples):
+        self.longest_prompt = max(
             check_prompt_lengths(
                 examples, config.prompt_template, self.tokenizer, config.max_new_tokens, positions
             )
+            for examples in (self.train_examples, self.eval_examples)
+        )
         self.sampler = PromptSampler(self.train_examples, config.seed)
         # The student's sampler: rollouts and evaluation (vllm: refused here, before any step,
         # when it is not installed or cannot run the student's architecture).
@@ -177,11 +178,6 @@ class Trainer:
     def engine_for(self, model, model_path: str) -> RolloutEngine:
         """A config.rollout_engine engine sampling `model` (loaded from `model_path`)."""
         config = self.config
-        prompts = [
-            render_prompt(example, config.prompt_template, self.tokenizer)
-            for example in self.train_examples + self.eval_examples
-        ]
-        longest_prompt = max(len(ids) for ids in encode_prompts(self.tokenizer, prompts))
         return make_engine(
             config.rollout_engine,
             model,
@@ -189,7 +185,7 @@ class Trainer:
             model_path=model_path,
             batch_size=config.rollout_batch_size,
             seed=config.seed,
-            max_model_len=longest_prompt + config.max_new_tokens,
+            max_model_len=self.longest_prompt + config.max_new_tokens,
             max_num_seqs=config.rollout_batch_size,
         )
 
