@@ -851,9 +851,8 @@ def test_huge_array_shapes_are_a_400_not_a_dropped_connection(make_server, shape
     assert _raw(server.url, "POST", "/v1/score", _valid_body(), headers)[0] == 200
 
 
-@pytest.mark.parametrize("temperature", ["1e400", "1" + "0" * 400, "-0.5"])
-def test_unrepresentable_temperatures_are_a_422(make_server, temperature):
-    server = make_server()
+def _score_at_temperature(server, temperature: str) -> tuple[int, bytes]:
+    """(status, body) of a valid score request whose header says `temperature` (JSON text)."""
     valid = _valid_body()
     length = int.from_bytes(valid[4:8], "little")
     header = valid[8 : 8 + length].decode().strip()
@@ -862,6 +861,12 @@ def test_unrepresentable_temperatures_are_a_422(make_server, temperature):
     )
     headers = {"Content-Type": protocol.CONTENT_TYPE}
     status, _, data = _raw(server.url, "POST", "/v1/score", body, headers)
+    return status, data
+
+
+@pytest.mark.parametrize("temperature", ["1e400", "1" + "0" * 400, "-0.5"])
+def test_unrepresentable_temperatures_are_a_422(make_server, temperature):
+    status, data = _score_at_temperature(make_server(), temperature)
     assert status == 422 and "temperature must be positive and finite" in json.loads(data)["error"]
 
 
@@ -915,14 +920,6 @@ def test_a_tiny_temperature_gives_finite_log_probs(make_server, teacher_model, t
 
 @pytest.mark.parametrize("temperature", ["1e-300", "1e-39"])
 def test_a_temperature_too_small_for_float32_is_a_422(make_server, temperature):
-    server = make_server()
-    valid = _valid_body()
-    length = int.from_bytes(valid[4:8], "little")
-    header = valid[8 : 8 + length].decode().strip()
-    body = _frame(
-        header.replace('"temperature": 1.0', f'"temperature": {temperature}'), valid[8 + length :]
-    )
-    headers = {"Content-Type": protocol.CONTENT_TYPE}
-    status, _, data = _raw(server.url, "POST", "/v1/score", body, headers)
+    status, data = _score_at_temperature(make_server(), temperature)
     assert status == 422 and "temperature" in json.loads(data)["error"]
     assert "too small" in json.loads(data)["error"]
