@@ -31,9 +31,12 @@ from opd_fast.models.loading import Placement  # noqa: E402
 from opd_fast.toy import resolve_toy  # noqa: E402
 from opd_fast.toy.tiny import save_tiny_model, tiny_tokenizer, write_prompts  # noqa: E402
 from opd_fast.training.data import load_examples  # noqa: E402
-from opd_fast.training.engines import SamplingSettings, make_engine  # noqa: E402
-from opd_fast.training.engines.base import sample_examples  # noqa: E402
 from opd_fast.training.pair import load_student  # noqa: E402
+from opd_fast.training.rollouts import (  # noqa: E402
+    SamplingSettings,
+    make_engine,
+    sample_examples,
+)
 
 
 def main() -> None:

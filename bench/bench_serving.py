@@ -58,8 +58,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 def _logits_scorer_class():
-    from opd_fast.serving import protocol
     from opd_fast.serving.scorer import Scorer
+    from opd_fast.wire import protocol
 
     class LogitsScorer(Scorer):
         """Answers a score request with the fp32 logits (P, vocab_limit) of its positions."""
@@ -144,8 +144,8 @@ def _percentiles(values):
 
 def time_remote(url, body, decode, clients, repeats, requests_per_client):
     """Wall time of `clients` threads each posting `body` requests_per_client times."""
-    from opd_fast.serving.protocol import CONTENT_TYPE
     from opd_fast.teachers.http import HttpTransport
+    from opd_fast.wire.protocol import CONTENT_TYPE
 
     transports = [HttpTransport(url, timeout=600) for _ in range(clients)]
     sizes = {}
@@ -172,8 +172,8 @@ def time_remote(url, body, decode, clients, repeats, requests_per_client):
 
 
 def bench_model(name: str, path: str, args, rows_out: list) -> None:
-    from opd_fast.serving import protocol
     from opd_fast.serving.scorer import Scorer, ServerLimits, parse_score_request
+    from opd_fast.wire import protocol
 
     scorer = Scorer.from_path(path, args.device)
     vocab = scorer.vocab_size
@@ -307,7 +307,7 @@ def _train(config_values: dict, server_pid: int | None = None):
     trainer.run()
     wall = time.perf_counter() - started
     cpu = _cpu_seconds() + (_cpu_seconds(server_pid) if server_pid else 0.0) - cpu
-    return wall, cpu, [r for r in trainer.log.read() if r["kind"] == "train"]
+    return wall, cpu, [r for r in trainer.parts.log.read() if r["kind"] == "train"]
 
 
 def bench_training(args) -> dict:

@@ -52,13 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.config) as handle:
         trainer = Trainer(make_config(json.load(handle)))
-    dist = trainer.dist
+    dist = trainer.parts.dist
     if args.mode == "step":
         batch, examples = torch.load(args.batch, weights_only=False)
-        trainer.rollouts = lambda: share_of(batch, examples, dist.rank, dist.world_size)
-        trainer.session_started = 0.0
-        record = trainer.train_step()
-        parameters = full_parameters(trainer.student)
+        record = trainer.train_step(share_of(batch, examples, dist.rank, dist.world_size))
+        parameters = full_parameters(trainer.parts.student)
         if dist.is_main:
             torch.save({"parameters": parameters, "record": record}, args.out)
         dist.close()
@@ -66,16 +64,16 @@ def main() -> None:
     if args.fail_rank is not None:
         original = trainer.train_step
 
-        def failing_step():
+        def failing_step(rollouts=None):
             if dist.rank == args.fail_rank and trainer.step + 1 == args.fail_step:
                 raise RuntimeError(f"injected failure on rank {dist.rank}")
-            return original()
+            return original(rollouts)
 
         trainer.train_step = failing_step
     trainer.run(resume=args.resume, stop_after=args.stop_after)
     if args.logits:
         with torch.no_grad():
-            logits = trainer.student(input_ids=torch.tensor(LOGIT_IDS)).logits
+            logits = trainer.parts.student(input_ids=torch.tensor(LOGIT_IDS)).logits
         if dist.is_main:
             torch.save(logits, args.logits)
     dist.close()

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from opd_fast.toy.tiny import tiny_setup
-from opd_fast.training import checkpoint as ckpt
+from opd_fast.training.checkpoints import folders as ckpt
 from opd_fast.training.config import make_config
 from opd_fast.training.metrics import MetricsLog
 from opd_fast.training.trainer import Trainer

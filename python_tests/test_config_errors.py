@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import opd_fast.training.builder as builder_module
 import opd_fast.training.trainer as trainer_module
 from opd_fast.cli import main
 from opd_fast.models.loading import Placement
@@ -98,7 +99,7 @@ def test_bad_value_is_reported_before_any_model_loads(tiny, tmp_path, monkeypatc
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(trainer_module, "load_pair", no_loading)
+    monkeypatch.setattr(builder_module, "load_pair", no_loading)
     for values in ({"k": 1.5}, {"steps": float("inf")}, {"device": "tpu9"}):
         with pytest.raises(ValueError, match="config: "):
             trainer_module.train({**tiny, **RUN, "run_dir": str(tmp_path / "run"), **values})
@@ -231,3 +232,35 @@ def test_cli_debug_shows_the_traceback(tmp_path):
         main(["--debug", "train", "--config", str(bad)])
     with pytest.raises(ValueError, match="steps must be an integer"):
         main(["train", "--debug", "--config", str(bad)])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"prompts_per_step": 3},
+            r"prompts_per_step \(3\) must be a multiple of the number of ranks \(2\)",
+        ),
+        ({"cold_start_steps": 5}, "cold_start_steps is not supported in a multi-rank run"),
+        ({"rollout_engine": "vllm"}, "rollout_engine vllm is not supported in a multi-rank run"),
+    ],
+)
+def test_multi_rank_limits_are_checked_with_the_config(values, message, monkeypatch):
+    """What a run of several ranks cannot do is refused when the config is validated: for
+    the world size asked for, or the one torchrun's environment says."""
+    with pytest.raises(ValueError, match=f"config: {message}"):
+        load_config(None, values, world_size=2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=f"config: {message}"):
+        load_config(None, values)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    load_config(None, values)  # one process: fine
+
+
+def test_nproc_per_node_validates_before_torchrun_starts(capsys):
+    """`--nproc-per-node 2` checks the config for 2 ranks before it relaunches anything."""
+    code = main(["demo", "--nproc-per-node", "2", "--set", "prompts_per_step=3"])
+    assert code == 2
+    assert "must be a multiple of the number of ranks (2)" in capsys.readouterr().err

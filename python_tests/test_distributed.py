@@ -21,6 +21,7 @@ from opd_fast.training import distributed
 from opd_fast.training.config import make_config
 from opd_fast.training.loggers import open_run_log, parse_loggers
 from opd_fast.training.metrics import MetricsLog, PositionProfile, StepMetrics
+from opd_fast.training.step.rollout import sample_rollouts
 from opd_fast.training.trainer import Trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -245,14 +246,14 @@ def test_step_metrics_reduce_to_token_weighted_means_over_ranks(tmp_path):
 def test_two_rank_step_equals_single_process_step(tmp_path, tiny):
     values = dict(**tiny, **RUN, run_dir=str(tmp_path / "single"))
     single = Trainer(make_config(values))
-    batch, examples = single.rollouts()  # one global batch of 8 sequences, given to both
+    # One global batch of 8 sequences, given to both.
+    batch, examples = sample_rollouts(single.parts)
     batch_path = str(tmp_path / "batch.pt")
     torch.save((batch, examples), batch_path)
-    single.rollouts = lambda: (batch, examples)
-    single.session_started = 0.0
-    before = {name: p.detach().clone() for name, p in single.student.state_dict().items()}
-    expected_record = single.train_step()
-    expected = {name: p.detach().clone() for name, p in single.student.state_dict().items()}
+    student = single.parts.student
+    before = {name: p.detach().clone() for name, p in student.state_dict().items()}
+    expected_record = single.train_step((batch, examples))
+    expected = {name: p.detach().clone() for name, p in student.state_dict().items()}
     assert all(not torch.equal(before[name], expected[name]) for name in expected)
 
     config = _write_config(tmp_path / "c.json", {**values, "run_dir": str(tmp_path / "two")})
@@ -354,7 +355,7 @@ def test_two_rank_run_resumes_exactly_and_exports(tmp_path, tiny):
     torch.testing.assert_close(logits, torch.load(logits_path), rtol=1e-5, atol=1e-5)
 
     # An earlier, sharded-only checkpoint is consolidated by export the same way.
-    from opd_fast.training.sharded_checkpoint import export
+    from opd_fast.training.checkpoints.export import export
 
     early = export(full_dir, 2, str(tmp_path / "step2"))
     assert AutoModelForCausalLM.from_pretrained(early, local_files_only=True) is not None

@@ -1,16 +1,10 @@
 """The package's layers hold: every opd_fast module imports only the layers its package's
-docstring allows, the module import graph has no cycle, and the module paths of 0.1 still
-import (with a DeprecationWarning naming the new one)."""
+docstring allows (no exceptions), and the module import graph has no cycle."""
 
 from __future__ import annotations
 
 import ast
-import importlib
 import pathlib
-import sys
-import warnings
-
-import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "opd_fast"
 
@@ -18,12 +12,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "opd_fast"
 ALLOWED = {
     "op": set(),
     "models": set(),
+    "wire": set(),
     "toy": {"models"},
-    "teachers": {"op", "models", "serving.protocol"},
-    "serving": {"op", "models", "toy"},
+    "teachers": {"wire", "op", "models"},
+    "serving": {"wire", "op", "models", "toy"},
     "training": {"teachers", "models", "op", "toy"},
     "paper": {"training", "teachers", "models", "op", "toy"},
-    "cli": {"paper", "training", "serving", "teachers", "models", "op", "toy"},
+    "cli": {"paper", "training", "serving", "teachers", "wire", "models", "op", "toy"},
 }
 
 
@@ -72,7 +67,7 @@ def test_imports_flow_down_the_layers():
     wrong = []
     for module, path in modules.items():
         layer = _layer(module)
-        if layer is None:  # the top level: opd_fast/__init__.py, __main__.py, _moved.py
+        if layer is None:  # the top level: opd_fast/__init__.py, __main__.py
             continue
         allowed = [f"opd_fast.{name}" for name in ALLOWED[layer] | {layer}]
         for target in sorted(_imports(path, modules)):
@@ -100,33 +95,3 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("opd_fast.reference", "opd_fast.op.reference"),
-        ("opd_fast.payload", "opd_fast.op.payload"),
-        ("opd_fast.trainer", "opd_fast.training.trainer"),
-        ("opd_fast.serving.remote_teacher", "opd_fast.teachers.remote"),
-        ("opd_fast.testing", "opd_fast.toy.tiny"),
-    ],
-)
-def test_old_module_paths_still_import(old, new):
-    from opd_fast._moved import MOVED
-
-    assert MOVED[old] == new
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
-    assert any(new in str(w.message) for w in caught if w.category is DeprecationWarning)
-
-
-def test_every_moved_path_names_a_module():
-    from opd_fast._moved import MOVED
-
-    modules = _modules()
-    assert sorted(set(MOVED.values()) - set(modules)) == []
-    assert sorted(set(MOVED) & set(modules)) == []  # an old path is not a module any more

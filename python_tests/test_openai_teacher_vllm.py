@@ -30,9 +30,9 @@ from opd_fast.teachers.http import RetryPolicy, TeacherError  # noqa: E402
 from opd_fast.teachers.local import LocalTeacher  # noqa: E402
 from opd_fast.teachers.openai import OpenAITeacher  # noqa: E402
 from opd_fast.toy.tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
-from opd_fast.training.engines import SamplingSettings, make_engine  # noqa: E402
 from opd_fast.training.pair import load_student  # noqa: E402
-from opd_fast.training.scoring import LossSettings, score_batch  # noqa: E402
+from opd_fast.training.rollouts import SamplingSettings, make_engine  # noqa: E402
+from opd_fast.training.step.score import LossSettings, score_batch  # noqa: E402
 
 CPU = Placement.resolve("cpu", "float32", "auto")
 FAST_RETRY = RetryPolicy(max_elapsed_s=2.0, initial_delay_s=0.01, max_delay_s=0.1)

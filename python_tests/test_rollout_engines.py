@@ -17,19 +17,13 @@ import torch
 from engine_helpers import forward_logits, reference_sampling_log_probs
 
 from opd_fast.models.loading import Placement
-from opd_fast.op import reference
 from opd_fast.teachers.local import LocalTeacher
 from opd_fast.toy.tiny import tiny_setup
 from opd_fast.training.config import make_config
-from opd_fast.training.engines import EngineUnavailable, SamplingSettings, make_engine
-from opd_fast.training.off_policy import (
-    OffPolicyGap,
-    reduce_weighted,
-    sampled_log_probs,
-    truncated_is_weights,
-)
+from opd_fast.training.off_policy import OffPolicyGap, sampled_log_probs, truncated_is_weights
 from opd_fast.training.pair import load_student
-from opd_fast.training.scoring import LossSettings, score_batch
+from opd_fast.training.rollouts import EngineUnavailable, SamplingSettings, make_engine
+from opd_fast.training.step.score import LossSettings, score_batch
 from opd_fast.training.trainer import Trainer
 
 RUN = dict(
@@ -158,42 +152,11 @@ def test_truncated_is_weights_and_gap():
         truncated_is_weights(train, engine, cap=0.0)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "seq_mean_token_sum"])
-def test_is_weighted_loss_value_and_gradient(reduction):
-    """score_batch's weighted loss = sum of w_t * loss_t (reduced), and its gradient w.r.t.
-    the logits is w_t times the per-token gradient, against the pure-PyTorch reference."""
-    generator = torch.Generator().manual_seed(3)
-    student_logits = torch.randn(2, 6, 40, generator=generator, requires_grad=True)
-    teacher_logits = torch.randn(2, 6, 40, generator=generator)
-    mask = torch.rand(2, 6, generator=generator) > 0.3
-    ids = torch.randint(0, 40, (2, 6), generator=generator)
-    weights = torch.rand(2, 6, generator=generator) * 2
-    settings = dict(k=4, variant="student_topk", estimator="pg", temperature=1.0)
-    per_token, _, _ = reference.opd_loss(
-        student_logits, teacher_logits, mask=mask, sampled_ids=ids, reduction="none", **settings
-    )
-    weighted = reduce_weighted(per_token, weights, mask, reduction)
-    (grad,) = torch.autograd.grad(weighted, student_logits, retain_graph=True)
-    # The same by hand: per-token gradients scaled by their weights.
-    expected_value = 0.0
-    expected_grad = torch.zeros_like(student_logits)
-    for b in range(2):
-        for t in range(6):
-            if not mask[b, t]:
-                continue
-            scale = weights[b, t] / (2 if reduction == "seq_mean_token_sum" else 1)
-            (token_grad,) = torch.autograd.grad(per_token[b, t], student_logits, retain_graph=True)
-            expected_value += float(scale * per_token[b, t].detach())
-            expected_grad += scale * token_grad
-    assert float(weighted) == pytest.approx(expected_value, rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="reduction must be sum"):
-        reduce_weighted(per_token, weights, mask, "token_mean")
-
-
-def test_score_batch_applies_is_weights(student, tiny):
-    """With is_cap the loss is the reference op's per-token loss times min(ratio, cap); an
-    engine log-prob shifted by log 2 at every token halves (cap 1: clips) the weights."""
+@pytest.mark.parametrize("loss_path", ["logits", "fused_linear"])
+def test_score_batch_applies_is_weights(student, tiny, loss_path):
+    """With is_cap the loss is the per-token loss times min(ratio, cap), on both loss paths
+    (the weights reach the loss as token weights); an engine log-prob shifted by log 2 at
+    every token halves the weights."""
     torch.manual_seed(2)
     engine = make_engine("hf", student.student, student.tokenizer)
     settings = SamplingSettings(eos_ids=tuple(student.eos_ids), max_new_tokens=5)
@@ -207,7 +170,7 @@ def test_score_batch_applies_is_weights(student, tiny):
     loss_settings = LossSettings(
         k=4, variant="student_topk", estimator="pg", temperature=1.0, vocab=student.vocab
     )
-    plain = score_batch(student.student, teacher, batch, loss_settings)
+    plain = score_batch(student.student, teacher, batch, loss_settings, loss_path=loss_path)
     weighted = score_batch(
         student.student,
         teacher,
@@ -215,6 +178,7 @@ def test_score_batch_applies_is_weights(student, tiny):
         loss_settings,
         rollout_temperature=1.0,
         is_cap=5.0,
+        loss_path=loss_path,
     )
     mask = plain.response_mask
     torch.testing.assert_close(
@@ -279,7 +243,7 @@ def test_vllm_missing_names_the_extra(tmp_path, tiny, monkeypatch):
 def test_unsupported_architecture_is_refused_before_starting(tmp_path, monkeypatch):
     """An architecture vLLM does not know is refused from config.json, before an engine
     starts (a stand-in vllm module: only its model registry is consulted)."""
-    from opd_fast.training.engines.vllm import check_architecture
+    from opd_fast.training.rollouts.vllm import check_architecture
 
     registry = types.SimpleNamespace(get_supported_archs=lambda: {"Qwen3ForCausalLM": None}.keys())
     fake = types.SimpleNamespace(ModelRegistry=registry, __version__="0.32.0")

@@ -28,7 +28,6 @@ import opd_fast
 from opd_fast.models.loading import CPU_FP32, load_model, load_tokenizer
 from opd_fast.op import kernels
 from opd_fast.op.payload import TeacherPayload, payload_from_logits
-from opd_fast.serving import protocol
 from opd_fast.serving.scorer import Scorer, ServerLimits
 from opd_fast.serving.server import TeacherServer
 from opd_fast.teachers.http import (
@@ -45,6 +44,7 @@ from opd_fast.teachers.remote import RemoteTeacher
 from opd_fast.toy.tiny import save_tiny_model, tiny_setup, tiny_tokenizer
 from opd_fast.training.config import make_config
 from opd_fast.training.trainer import Trainer
+from opd_fast.wire import protocol
 
 PADDING = 64  # the tiny teacher's embedding table has 64 rows past the tokenizer
 FAST_RETRY = RetryPolicy(max_elapsed_s=2.0, initial_delay_s=0.01, max_delay_s=0.1)
@@ -339,7 +339,7 @@ def test_remote_payload_splits_batches_to_the_server_limits(make_server, tokeniz
 def _train_records(config_values, teacher=None):
     trainer = Trainer(make_config(config_values), teacher=teacher)
     trainer.run()
-    rows = trainer.log.read()
+    rows = trainer.parts.log.read()
     return [
         {key: value for key, value in row.items() if not any(t in key for t in TIMING_KEYS)}
         for row in rows

@@ -16,13 +16,13 @@ import torch
 from serving_helpers import ServerProcess, assert_close_records, reference_scores
 
 from opd_fast.models.loading import CPU_FP32, load_model, load_tokenizer
-from opd_fast.serving import protocol
 from opd_fast.serving.scorer import Scorer, ServerLimits
 from opd_fast.serving.server import TeacherServer
 from opd_fast.teachers.http import RetryPolicy, TeacherClient, TeacherRequestError
 from opd_fast.toy.tiny import tiny_setup
 from opd_fast.training.config import make_config
 from opd_fast.training.trainer import Trainer
+from opd_fast.wire import protocol
 
 CLIENTS, REQUESTS = 32, 1000
 TIMING_KEYS = ("per_s", "seconds", "memory")
@@ -173,7 +173,7 @@ def test_server_killed_and_restarted_mid_training(tmp_path, tiny):
         trainer = Trainer(
             make_config(dict(run, run_dir=str(tmp_path / "remote"), teacher_url=server.url))
         )
-        real_payload = trainer.teacher.payload
+        real_payload = trainer.parts.teacher.payload
         events = {"calls": 0, "killed_at": None, "bridged_s": None}
 
         def payload(*args):
@@ -188,7 +188,7 @@ def test_server_killed_and_restarted_mid_training(tmp_path, tiny):
                 return result
             return real_payload(*args)
 
-        trainer.teacher.payload = payload
+        trainer.parts.teacher.payload = payload
         trainer.run()
     assert events["killed_at"] == 2 and events["bridged_s"] > 0.5
     remote, local = _train_rows(str(tmp_path / "remote")), _train_rows(str(tmp_path / "local"))

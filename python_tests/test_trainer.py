@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from opd_fast.op import reference
-from opd_fast.op.loss import OPDLossOutput, _mean_metrics
+from opd_fast.op.loss import OPDLossOutput
+from opd_fast.op.reductions import mean_metrics
 from opd_fast.toy.tiny import save_tiny_model, tiny_setup, tiny_tokenizer
 from opd_fast.training.config import load_config, make_config
+from opd_fast.training.step.rollout import sample_rollouts
+from opd_fast.training.step.score import choose_loss_path, score_batch
 from opd_fast.training.trainer import Trainer, TrainingDiverged, train
 
 TINY_RUN = dict(
@@ -90,15 +93,22 @@ def test_training_moves_the_student_towards_the_teacher(tmp_path, tiny):
     """After a few full-vocab OPD steps, KL(student || teacher) on fixed sequences drops."""
     run = dict(TINY_RUN, steps=6, lr=3e-3, variant="full_vocab", eval_every=0, checkpoint_every=0)
     trainer = Trainer(make_config(dict(**tiny, **run, run_dir=str(tmp_path / "run"))))
-    fixed, _ = trainer.rollouts()
+    fixed, _ = sample_rollouts(trainer.parts)
 
     def kl_on_fixed():
         with torch.no_grad():
-            return trainer.loss_on(fixed, fixed.num_response_tokens, 1, {"teacher": 0.0})[0]
+            return _token_mean_loss(trainer, fixed)
 
     before = float(kl_on_fixed())
     trainer.run()
     assert float(kl_on_fixed()) < 0.8 * before
+
+
+def _token_mean_loss(trainer, batch):
+    """The token-mean loss of `batch` on the trainer's loss path (with its gradient)."""
+    parts = trainer.parts
+    scored = score_batch(parts.student, parts.teacher, batch, parts.loss, loss_path=parts.loss_path)
+    return scored.output.loss / batch.num_response_tokens
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny):
@@ -136,7 +146,7 @@ def _reference_loss(
     per_token = {name: values.reshape(shape) for name, values in token_metrics.items()}
     return OPDLossOutput(
         loss=loss,
-        metrics=_mean_metrics(rows, valid, True),
+        metrics=mean_metrics(rows, valid, True),
         token_metrics=per_token if return_token_metrics else None,
     )
 
@@ -202,34 +212,39 @@ def test_fused_linear_path_never_calls_an_output_layer(tmp_path, tiny):
     for path, expected in (("fused_linear", 0), ("logits", 2)):
         config = make_config(dict(**tiny, **TINY_RUN, run_dir=str(tmp_path / path), loss_path=path))
         trainer = Trainer(config)
-        batch, _ = trainer.rollouts()
+        batch, _ = sample_rollouts(trainer.parts)
         calls = []
-        heads = [trainer.student.get_output_embeddings()]
-        heads.append(trainer.teacher.local_model.get_output_embeddings())
+        heads = [trainer.parts.student.get_output_embeddings()]
+        heads.append(trainer.parts.teacher.local_model.get_output_embeddings())
         hooks = [
             h.register_forward_hook(lambda *a, h=h, calls=calls: calls.append(h)) for h in heads
         ]
         try:
-            scaled, _ = trainer.loss_on(batch, batch.num_response_tokens, 1, {"teacher": 0.0})
-            scaled.backward()
+            _token_mean_loss(trainer, batch).backward()
         finally:
             for hook in hooks:
                 hook.remove()
         assert len({id(h) for h in calls}) == expected, path
 
 
-def test_payload_teacher_keeps_the_logits_path():
-    from opd_fast.training.scoring import choose_loss_path
+def test_choose_loss_path_names_why_it_keeps_logits(tiny):
+    """The fused path takes every teacher; it gives way to logits for a custom loss_fn, on
+    several ranks (for now) and for a student whose head is not linear, and says why."""
+    from opd_fast.models.loading import Placement
+    from opd_fast.training.pair import load_student
 
-    class PayloadOnly:
-        returns = "payload"
-
-    path, why = choose_loss_path("fused_linear", object(), PayloadOnly())
-    assert path == "logits"
-    assert "PayloadOnly answers with payload, not hidden states" in why
-    assert choose_loss_path("logits", object(), PayloadOnly())[0] == "logits"
+    student = load_student(tiny["student"], Placement.resolve("cpu"), trainable=False).student
+    assert choose_loss_path("fused_linear", student)[0] == "fused_linear"
+    path, why = choose_loss_path("fused_linear", student, loss_fn=_reference_loss)
+    assert path == "logits" and "custom loss_fn" in why
+    path, why = choose_loss_path("fused_linear", student, world_size=2)
+    assert path == "logits" and "multi-rank" in why
+    student.config.final_logit_softcapping = 30.0
+    path, why = choose_loss_path("fused_linear", student)
+    assert path == "logits" and "final_logit_softcapping=30.0" in why
+    assert choose_loss_path("logits", student)[0] == "logits"
     with pytest.raises(ValueError, match="loss_path must be one of"):
-        choose_loss_path("hidden", object(), PayloadOnly())
+        choose_loss_path("hidden", student)
 
 
 def test_unknown_config_key_lists_valid_keys():
@@ -312,8 +327,8 @@ def test_padded_teacher_vocabulary_uses_shared_part(tmp_path, tiny):
     """The tiny teacher has 64 padded rows more than the student: training uses the shared
     columns (and so sees the tokenizer's full vocabulary)."""
     trainer = Trainer(make_config(dict(**tiny, **TINY_RUN, run_dir=str(tmp_path))))
-    assert trainer.vocab == len(tiny_tokenizer())
-    assert trainer.teacher.vocab_size == trainer.vocab + 64
+    assert trainer.parts.pair.vocab == len(tiny_tokenizer())
+    assert trainer.parts.teacher.vocab_size == trainer.parts.pair.vocab + 64
 
 
 def test_shared_vocab_size_drops_padding_and_names_a_real_mismatch():
@@ -336,7 +351,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, loss_path):
     trainer = Trainer(config)
     # What the teacher answers with on this path: logits, or hidden states.
     answer = "logits" if loss_path == "logits" else "linear_teacher"
-    real_answer = getattr(trainer.teacher, answer)
+    real_answer = getattr(trainer.parts.teacher, answer)
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -349,7 +364,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, loss_path):
             return result * float("nan")
         return dataclasses.replace(result, hidden=result.hidden * float("nan"))
 
-    setattr(trainer.teacher, answer, poisoned)
+    setattr(trainer.parts.teacher, answer, poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 3.*step_000002"):
         trainer.run()
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_000002"))
@@ -417,3 +432,63 @@ def test_step_peak_memory_is_reset_between_stretches():
     low = tracker.peak_mib()
     assert high - low > 200
     assert tracker.overall_mib == high
+
+
+class _PayloadTeacher:
+    """A payload teacher in process (what a teacher server answers, without the server): the
+    in-process teacher's logits turned into a payload for the student's top-k ids."""
+
+    needs_student_topk = True
+    local_model = None
+
+    def __init__(self, local):
+        self.local, self.vocab_size, self.variants = local, local.vocab_size, local.variants
+        self.requests = []
+
+    def score(self, request):
+        from opd_fast.op.payload import payload_from_logits
+
+        self.requests.append(request)
+        logits = self.local.logits(request.input_ids, request.attention_mask, request.position_ids)
+        rows = logits[:, :-1, : request.vocab].float()
+        batch, length, vocab = rows.shape
+        payload = payload_from_logits(
+            rows.reshape(-1, vocab),
+            request.student_topk_ids.reshape(-1, request.k),
+            request.k,
+            request.temperature,
+            request.input_ids[:, 1:].reshape(-1),
+        )
+        return payload.map(lambda t: t.reshape(batch, length, *t.shape[1:]))
+
+
+@pytest.mark.parametrize("estimator", ["pg", "exact"])
+def test_payload_teacher_on_both_loss_paths(tmp_path, tiny, estimator):
+    """A payload teacher takes the fused path too: it is asked about the student's top-k ids
+    (formed from hidden states, chunk by chunk, no lm_head call), and the loss, metrics and
+    gradient equal the logits path's."""
+    config = make_config(dict(**tiny, **TINY_RUN, run_dir=str(tmp_path), estimator=estimator))
+    parts = Trainer(config).parts
+    teacher = _PayloadTeacher(parts.teacher)
+    batch, _ = sample_rollouts(parts)
+    results = {}
+    for path in ("logits", "fused_linear"):
+        parts.student.zero_grad(set_to_none=True)
+        calls = []
+        head = parts.student.get_output_embeddings()
+        hook = head.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        try:
+            scored = score_batch(parts.student, teacher, batch, parts.loss, loss_path=path)
+        finally:
+            hook.remove()
+        scored.output.loss.backward()
+        grads = {n: p.grad.clone() for n, p in parts.student.named_parameters()}
+        results[path] = (scored.output, grads, teacher.requests[-1].student_topk_ids, calls)
+    logits, fused = results["logits"], results["fused_linear"]
+    assert fused[3] == [] and logits[3] == [1]  # the fused path never runs the lm_head
+    assert torch.equal(fused[2], logits[2])  # the same top-k ids asked about
+    torch.testing.assert_close(fused[0].loss, logits[0].loss, rtol=1e-5, atol=1e-6)
+    for name, value in logits[0].metrics.items():
+        torch.testing.assert_close(fused[0].metrics[name], value, rtol=1e-5, atol=1e-6)
+    for name, grad in logits[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-4, atol=1e-6)

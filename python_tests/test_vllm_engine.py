@@ -25,9 +25,9 @@ from engine_helpers import forward_logits, reference_sampling_log_probs  # noqa:
 from opd_fast.models.loading import Placement  # noqa: E402
 from opd_fast.toy.tiny import save_tiny_model, tiny_tokenizer, write_prompts  # noqa: E402
 from opd_fast.training.config import make_config  # noqa: E402
-from opd_fast.training.engines import EngineUnavailable, SamplingSettings, make_engine  # noqa: E402
 from opd_fast.training.off_policy import sampled_log_probs  # noqa: E402
 from opd_fast.training.pair import load_student  # noqa: E402
+from opd_fast.training.rollouts import EngineUnavailable, SamplingSettings, make_engine  # noqa: E402
 from opd_fast.training.trainer import Trainer  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def _export(args) -> int:
-    from opd_fast.training.sharded_checkpoint import export
+    from opd_fast.training.checkpoints.export import export
 
     out = export(args.run, args.step, args.out)
     print(f"exported {args.run} step {args.step if args.step is not None else '(newest)'}: {out}")

@@ -124,20 +124,24 @@ def _diagnose_checkpoint(args) -> dict:
         sequence_auroc,
     )
     from opd_fast.training.data import load_examples, render_prompt
-    from opd_fast.training.rollout import sample
+    from opd_fast.training.rollouts import SamplingSettings, sample_examples
+    from opd_fast.training.rollouts.hf import HFEngine
 
     if not (args.teacher or args.teacher_url) or not args.prompts:
         raise ValueError("diagnosing a checkpoint needs --teacher (or --teacher-url) and --prompts")
     pair = _load_pair(args, student_trainable=False)
     examples = load_examples(args.prompts)[: args.num_prompts]
-    batch, repeated = sample(
-        pair.student,
+    batch, repeated = sample_examples(
+        HFEngine(pair.student, pair.tokenizer),
         pair.tokenizer,
         examples,
         repeats=args.rollouts,
-        eos_ids=pair.eos_ids,
-        max_new_tokens=args.max_new_tokens,
-        vocab_limit=pair.vocab,
+        template="{prompt}",
+        settings=SamplingSettings(
+            eos_ids=tuple(pair.eos_ids),
+            max_new_tokens=args.max_new_tokens,
+            vocab_limit=pair.vocab,
+        ),
     )
     scored = score_rollouts(pair, batch, [e.answer for e in repeated], k=args.k)
     profile = {name: position_profile(scored, name) for name in scored.token_metrics}

@@ -28,6 +28,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _world_size(args) -> int | None:
+    """The ranks the command will run on, for validating the config before torchrun starts
+    (None: as the environment says)."""
+    from opd_fast.training.distributed import launched_by_torchrun
+
+    return None if launched_by_torchrun() else args.nproc_per_node
+
+
 def _relaunch(args) -> int | None:
     """With --nproc-per-node outside torchrun: this command again under torchrun, its exit
     code; else None (run here)."""
@@ -95,7 +103,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
 def _train(args) -> int:
     from opd_fast.training.trainer import train
 
-    config = load_config(args.config, parse_overrides(args.overrides))
+    config = load_config(args.config, parse_overrides(args.overrides), world_size=_world_size(args))
     relaunched = _relaunch(args)
     if relaunched is not None:
         return relaunched
@@ -111,7 +119,7 @@ def _demo(args) -> int:
     from opd_fast.training.trainer import train
 
     started = time.perf_counter()
-    config = recipe("toy_demo", parse_overrides(args.overrides))
+    config = recipe("toy_demo", parse_overrides(args.overrides), world_size=_world_size(args))
     relaunched = _relaunch(args)
     if relaunched is not None:
         return relaunched

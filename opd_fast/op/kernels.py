@@ -36,21 +36,55 @@ def _accumulation_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
-def opd_forward(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    sampled_ids: torch.Tensor | None,
-    row_valid: torch.Tensor | None,
-    k: int,
-    variant: str,
-    estimator: str,
-    temperature: float,
-) -> ForwardResult:
-    """student_logits, teacher_logits: (N, V); sampled_ids: (N,) int64; row_valid: (N,) bool."""
-    outputs = torch.ops.opd_fast.opd_forward(
-        student_logits, teacher_logits, sampled_ids, row_valid, k, variant, estimator, temperature
+class ForwardInputs(NamedTuple):
+    """The inputs of torch.ops.opd_fast.opd_forward, by name (its schema's order)."""
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    sampled_ids: torch.Tensor | None
+    row_valid: torch.Tensor | None
+    k: int
+    variant: str
+    estimator: str
+    temperature: float
+
+
+class SparseForwardInputs(NamedTuple):
+    """The inputs of torch.ops.opd_fast.opd_forward_sparse, by name (its schema's order)."""
+
+    student_logits: torch.Tensor
+    student_topk_ids: torch.Tensor
+    teacher_topk_ids: torch.Tensor
+    teacher_topk_log_probs: torch.Tensor
+    teacher_log_probs_at_student: torch.Tensor
+    teacher_entropy: torch.Tensor
+    sampled_ids: torch.Tensor | None
+    teacher_sampled_log_probs: torch.Tensor | None
+    row_valid: torch.Tensor | None
+    k: int
+    variant: str
+    estimator: str
+    temperature: float
+
+
+def input_gradients(inputs: type[NamedTuple], **gradients) -> tuple:
+    """A backward's return value: one entry per input of `inputs`, None but those named."""
+    return tuple(gradients.get(name) for name in inputs._fields)
+
+
+def opd_forward(*args, **kwargs) -> ForwardResult:
+    """The fused forward over student and teacher logits (N, V), with the arguments of
+    ForwardInputs: sampled_ids (N,) int64 or None, row_valid (N,) bool or None, k, variant,
+    estimator, temperature."""
+    return ForwardResult(*torch.ops.opd_fast.opd_forward(*ForwardInputs(*args, **kwargs)))
+
+
+def opd_forward_sparse(*args, **kwargs) -> ForwardResult:
+    """opd_forward with the teacher as a payload of (N, k) / (N,) arrays instead of (N, V)
+    logits, with the arguments of SparseForwardInputs."""
+    return ForwardResult(
+        *torch.ops.opd_fast.opd_forward_sparse(*SparseForwardInputs(*args, **kwargs))
     )
-    return ForwardResult(*outputs)
 
 
 class RowTopk(NamedTuple):
@@ -64,40 +98,6 @@ def row_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> RowTopk:
     """Exact top-k of each row of logits (N, V) (ties -> lower id), ranked on the raw values,
     with log-probs at temperature tau, log-partition and entropy, in one streaming pass."""
     return RowTopk(*torch.ops.opd_fast.row_topk(logits, k, float(temperature)))
-
-
-def opd_forward_sparse(
-    student_logits: torch.Tensor,
-    student_topk_ids: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_log_probs: torch.Tensor,
-    teacher_log_probs_at_student: torch.Tensor,
-    teacher_entropy: torch.Tensor,
-    sampled_ids: torch.Tensor | None,
-    teacher_sampled_log_probs: torch.Tensor | None,
-    row_valid: torch.Tensor | None,
-    k: int,
-    variant: str,
-    estimator: str,
-    temperature: float,
-) -> ForwardResult:
-    """opd_forward with the teacher as a payload (N, k) arrays instead of (N, V) logits."""
-    outputs = torch.ops.opd_fast.opd_forward_sparse(
-        student_logits,
-        student_topk_ids,
-        teacher_topk_ids,
-        teacher_topk_log_probs,
-        teacher_log_probs_at_student,
-        teacher_entropy,
-        sampled_ids,
-        teacher_sampled_log_probs,
-        row_valid,
-        k,
-        variant,
-        estimator,
-        temperature,
-    )
-    return ForwardResult(*outputs)
 
 
 if extension_available():
@@ -163,8 +163,21 @@ if extension_available():
         return _forward_outputs_fake(student_logits, k)
 
     @torch.library.register_fake("opd_fast::opd_forward_sparse")
-    def _opd_forward_sparse_fake(student_logits, *payload_and_settings):
-        k = payload_and_settings[-4]
+    def _opd_forward_sparse_fake(
+        student_logits,
+        student_topk_ids,
+        teacher_topk_ids,
+        teacher_topk_log_probs,
+        teacher_log_probs_at_student,
+        teacher_entropy,
+        sampled_ids,
+        teacher_sampled_log_probs,
+        row_valid,
+        k,
+        variant,
+        estimator,
+        temperature,
+    ):
         return _forward_outputs_fake(student_logits, k)
 
     @torch.library.register_fake("opd_fast::row_topk")
@@ -207,17 +220,11 @@ if extension_available():
         ctx.full_vocab = full_vocab
         ctx.mark_non_differentiable(*result[1:])
 
-    def _setup_context(ctx, inputs, output):
-        student_logits, teacher_logits, _, _, _, variant, _, temperature = inputs
-        _save_for_backward(
-            ctx, student_logits, teacher_logits, output, temperature, variant == "full_vocab"
-        )
-
-    def _backward(ctx, grad_loss, *unused_grads):
+    def _grad_student(ctx, grad_loss):
         student_logits, teacher_logits, student_max, *rest = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros_like(student_max)
-        grad_student = torch.ops.opd_fast.opd_backward(
+        return torch.ops.opd_fast.opd_backward(
             grad_loss.contiguous(),
             student_logits,
             teacher_logits,
@@ -226,20 +233,34 @@ if extension_available():
             ctx.temperature,
             ctx.full_vocab,
         )
-        return grad_student, None, None, None, None, None, None, None
+
+    def _setup_context(ctx, inputs, output):
+        args = ForwardInputs(*inputs)
+        _save_for_backward(
+            ctx,
+            args.student_logits,
+            args.teacher_logits,
+            output,
+            args.temperature,
+            args.variant == "full_vocab",
+        )
+
+    def _backward(ctx, grad_loss, *unused_grads):
+        return input_gradients(ForwardInputs, student_logits=_grad_student(ctx, grad_loss))
 
     torch.library.register_autograd(
         "opd_fast::opd_forward", _backward, setup_context=_setup_context
     )
 
     def _setup_context_sparse(ctx, inputs, output):
-        student_logits, temperature = inputs[0], inputs[-1]
+        args = SparseForwardInputs(*inputs)
         # The backward never reads the teacher for non-full_vocab variants: pass the student.
-        _save_for_backward(ctx, student_logits, student_logits, output, temperature, False)
+        _save_for_backward(
+            ctx, args.student_logits, args.student_logits, output, args.temperature, False
+        )
 
     def _backward_sparse(ctx, grad_loss, *unused_grads):
-        grads = _backward(ctx, grad_loss)
-        return (grads[0],) + (None,) * 12
+        return input_gradients(SparseForwardInputs, student_logits=_grad_student(ctx, grad_loss))
 
     torch.library.register_autograd(
         "opd_fast::opd_forward_sparse", _backward_sparse, setup_context=_setup_context_sparse

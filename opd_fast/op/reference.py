@@ -193,23 +193,26 @@ def opd_loss_rows(
     return loss_rows, metrics
 
 
-def reduce_rows(loss_rows, valid, reduction, batch_shape):
+def reduce_rows(loss_rows, valid, reduction, batch_shape, token_weights=None):
     """Aggregate per-token losses (docs/math.md, Reductions).
 
-    valid: bool (N,) of tokens that count; batch_shape: (B, T) or (N,).
+    valid: bool (N,) of tokens that count; batch_shape: (B, T) or (N,); token_weights: None or
+    weights shaped like the leading dims, multiplying each valid token's loss (constants).
+    Written apart from opd_fast.op.reductions, so the tests compare two implementations.
     """
-    weights = valid.to(loss_rows.dtype)
-    masked = torch.where(valid, loss_rows, torch.zeros_like(loss_rows))
+    per_token = torch.where(valid, loss_rows, torch.zeros_like(loss_rows)).reshape(batch_shape)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().reshape(batch_shape).to(per_token.dtype)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
     if reduction == "token_mean":
-        return masked.sum() / weights.sum().clamp_min(1)
+        return per_token.sum() / max(int(valid.sum()), 1)
     if reduction == "seq_mean_token_sum":
         if len(batch_shape) != 2:
             raise ValueError("reduction='seq_mean_token_sum' needs (B, T, V) logits")
-        return masked.reshape(batch_shape).sum(dim=-1).mean()
-    if reduction == "sum":
-        return masked.sum()
-    if reduction == "none":
-        return masked.reshape(batch_shape)
+        return per_token.sum(dim=-1).mean()
     raise ValueError(
         f"unknown reduction {reduction!r}; expected token_mean, seq_mean_token_sum, sum or none"
     )
@@ -226,6 +229,7 @@ def opd_loss(
     mask=None,
     sampled_ids=None,
     reduction="token_mean",
+    token_weights=None,
 ):
     """Reference counterpart of opd_fast.opd_loss: (loss, dict of per-token metrics (N,), valid).
 
@@ -247,7 +251,8 @@ def opd_loss(
         valid = torch.ones(loss_rows.shape[0], dtype=torch.bool, device=loss_rows.device)
     else:
         valid = mask.reshape(-1).bool()
-    return reduce_rows(loss_rows, valid, reduction, batch_shape), metrics, valid
+    loss = reduce_rows(loss_rows, valid, reduction, batch_shape, token_weights)
+    return loss, metrics, valid
 
 
 def linear_logits(hidden, weight, bias=None, vocab=None):

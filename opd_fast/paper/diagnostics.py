@@ -18,8 +18,10 @@ import torch
 from opd_fast.training.grading import is_correct
 from opd_fast.training.metrics import StepMetrics
 from opd_fast.training.pair import Pair
-from opd_fast.training.rollout import RolloutBatch, encode_prompts, generate
-from opd_fast.training.scoring import LossSettings, score_batch
+from opd_fast.training.rollouts import RolloutBatch, SamplingSettings
+from opd_fast.training.rollouts.hf import HFEngine
+from opd_fast.training.rollouts.sampling import encode_prompts
+from opd_fast.training.step.score import LossSettings, score_batch
 
 
 @dataclass
@@ -133,16 +135,14 @@ def prefix_advantage(
     """Continue student-written prefixes (a fraction of each student response, in tokens) with
     the teacher and with the student; per fraction, both accuracies and the teacher's advantage
     (the answer is graded on prefix + continuation)."""
-    base = generate(
-        student,
-        tokenizer,
-        prompts,
-        eos_ids=eos_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-    )
     prompt_ids = encode_prompts(tokenizer, prompts)
+    eos_ids = tuple(eos_ids)
+    base = HFEngine(student, tokenizer).generate(
+        prompt_ids, SamplingSettings(eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+    )
+    continuing = SamplingSettings(
+        eos_ids=eos_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+    )
     rows = []
     for fraction in prefix_fractions:
         prefixes = []
@@ -152,15 +152,7 @@ def prefix_advantage(
         continued = [ids + prefix for ids, prefix in zip(prompt_ids, prefixes)]
         accuracy = {}
         for name, model in (("teacher", teacher), ("student", student)):
-            batch = generate(
-                model,
-                tokenizer,
-                prompt_ids=continued,
-                eos_ids=eos_ids,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-            )
+            batch = HFEngine(model, tokenizer).generate(continued, continuing)
             graded = [
                 is_correct(
                     tokenizer.decode(prefix, skip_special_tokens=True) + " " + response, answer

@@ -19,7 +19,8 @@ from opd_fast.paper.diagnostics import score_rollouts, sequence_auroc
 from opd_fast.teachers.factory import TeacherSpec
 from opd_fast.training.data import load_examples
 from opd_fast.training.pair import load_student
-from opd_fast.training.rollout import sample
+from opd_fast.training.rollouts import SamplingSettings, sample_examples
+from opd_fast.training.rollouts.hf import HFEngine
 
 # The paper's successful pairs start near 0.72 overlap and climb above 0.9; pairs that fail
 # stay low. These cut-offs turn the number into a plain verdict.
@@ -64,16 +65,17 @@ def probe(
         pair = student.with_teacher(TeacherSpec(path=teacher_dir, batch_size=16), k=settings.k)
         for template in templates:
             torch.manual_seed(settings.seed)  # every teacher sees the same student rollouts
-            batch, repeated = sample(
-                pair.student,
+            batch, repeated = sample_examples(
+                HFEngine(pair.student, pair.tokenizer),
                 pair.tokenizer,
                 examples,
                 repeats=settings.rollouts_per_prompt,
                 template=template,
-                eos_ids=pair.eos_ids,
-                max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                top_p=1.0,
+                settings=SamplingSettings(
+                    eos_ids=tuple(pair.eos_ids),
+                    max_new_tokens=settings.max_new_tokens,
+                    temperature=settings.temperature,
+                ),
             )
             answers = [e.answer for e in repeated]
             scored = score_rollouts(

@@ -1,9 +1,10 @@
 """Exact teacher scoring for the server: request validation and one padded forward per batch.
 
 The arithmetic is the in-process trainer's: sequences right-padded with explicit position ids
-(attention_mask.cumsum - 1, as opd_fast.rollout packs them), the model's logits at the response
-positions sliced to `vocab_limit` columns, then opd_fast.op.payload.payload_from_logits (the fused
-row_topk op) at the requested temperature, in the dtype the trainer would use (float32 on CPU).
+(opd_fast.models.batch, as the trainer's rollout batches are), the model's logits at the
+response positions sliced to `vocab_limit` columns, then opd_fast.op.payload.payload_from_logits
+(the fused row_topk op) at the requested temperature, in the dtype the trainer would use
+(float32 on CPU).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from opd_fast.models.batch import right_padded
 from opd_fast.models.loading import Placement, load_model, load_tokenizer
 from opd_fast.models.vocabulary import output_rows, tokenizer_fingerprint
 from opd_fast.op.names import MAX_K, smallest_temperature
 from opd_fast.op.payload import payload_from_logits
-from opd_fast.serving import protocol
+from opd_fast.wire import protocol
 
 
 @dataclass(frozen=True)
@@ -290,22 +292,17 @@ class Scorer:
     def _forward(self, sequences: list[np.ndarray], jobs: list[ScoreJob]):
         """Logits (B, S, V) of the last S positions of the right-padded batch, S covering every
         response position, and per job the (batch row, kept position) of its response rows."""
-        count, length = len(sequences), max(len(s) for s in sequences)
-        input_ids = torch.full((count, length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((count, length), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, : len(sequence)] = torch.from_numpy(sequence)
-            attention_mask[row, : len(sequence)] = 1
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+        tokens = right_padded(sequences, self.pad_id)
+        length = tokens.input_ids.shape[1]
         first_position = min(
             start - 1 for job in jobs for start in job.response_starts
         )  # the earliest response position; logits before it are never read
         keep = length - first_position
         kwargs = {"logits_to_keep": keep} if self._keeps_logits else {}
         logits = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+            position_ids=tokens.position_ids.to(self.device),
             use_cache=False,
             **kwargs,
         ).logits

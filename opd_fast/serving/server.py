@@ -28,7 +28,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from opd_fast.serving import protocol
 from opd_fast.serving.scorer import (
     RequestError,
     ScoreJob,
@@ -36,6 +35,7 @@ from opd_fast.serving.scorer import (
     ServerLimits,
     parse_score_request,
 )
+from opd_fast.wire import protocol
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 

@@ -1,15 +1,23 @@
 """Teachers: every way of scoring student rollouts with a frozen teacher, behind one interface.
 
-`base` holds the interface (Teacher, ScoreRequest) that the trainer, the cold start, the
-evaluation and the diagnostics call; `factory` builds the teacher a config names. The kinds:
-`local` (a model in this process: full logits), `remote` (an `opd-fast serve-teacher`
-server: exact top-k payloads over `http`, batched by `payload_batch`) and `openai` (an
-OpenAI-compatible engine's prompt log-probs).
+`base` holds the interface (Teacher, ScoreRequest: one call, `score`) that the trainer, the
+cold start, the evaluation and the diagnostics use; `factory` builds the teacher a config
+names, and is the one place that knows the kinds: `local` (a model in this process: hidden
+states or full logits), `remote` (an `opd-fast serve-teacher` server: exact top-k payloads
+over `http`, batched by `payload_batch`) and `openai` (an OpenAI-compatible engine's prompt
+log-probs).
 
-Imports: opd_fast.op, opd_fast.models and the wire format opd_fast.serving.protocol.
+Imports: opd_fast.wire, opd_fast.op, opd_fast.models.
 """
 
-from opd_fast.teachers.base import LOGITS, PAYLOAD, ScoreRequest, Teacher, check_variant
+from opd_fast.teachers.base import (
+    HIDDEN_STATES,
+    LOGITS,
+    ScoreRequest,
+    Teacher,
+    TeacherAnswer,
+    check_variant,
+)
 from opd_fast.teachers.factory import TeacherSpec, build_teacher
 from opd_fast.teachers.http import (
     RetryPolicy,
@@ -25,14 +33,15 @@ from opd_fast.teachers.openai import OpenAITeacher
 from opd_fast.teachers.remote import RemoteTeacher
 
 __all__ = [
+    "HIDDEN_STATES",
     "LOGITS",
-    "PAYLOAD",
     "LocalTeacher",
     "OpenAITeacher",
     "RemoteTeacher",
     "RetryPolicy",
     "ScoreRequest",
     "Teacher",
+    "TeacherAnswer",
     "TeacherAuthError",
     "TeacherClient",
     "TeacherError",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opd_fast.serving import protocol
+from opd_fast.wire import protocol
 
 logger = logging.getLogger("opd_fast.teachers")
 
@@ -228,7 +228,7 @@ class ScoreResult:
 
 
 class TeacherClient:
-    """Client of `opd-fast serve-teacher` (see opd_fast.serving.protocol)."""
+    """Client of `opd-fast serve-teacher` (see opd_fast.wire.protocol)."""
 
     def __init__(
         self,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from opd_fast.models.vocabulary import tokenizer_fingerprint
-from opd_fast.serving import protocol
 from opd_fast.teachers.base import PAYLOAD_VARIANTS, PayloadScoring
 from opd_fast.teachers.http import TeacherClient
 from opd_fast.teachers.payload_batch import PayloadBatch
+from opd_fast.wire import protocol
 
 
 class RemoteTeacher(PayloadScoring):

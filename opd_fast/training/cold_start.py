@@ -17,10 +17,14 @@ import torch
 
 from opd_fast.models.vocabulary import eos_token_ids
 from opd_fast.training.data import Example
-from opd_fast.training.engines import SamplingSettings, make_engine
-from opd_fast.training.engines.base import RolloutEngine, sample_examples
 from opd_fast.training.grading import is_correct
 from opd_fast.training.pair import Pair
+from opd_fast.training.rollouts import (
+    RolloutEngine,
+    SamplingSettings,
+    make_engine,
+    sample_examples,
+)
 
 
 @dataclass(frozen=True)
@@ -199,4 +203,46 @@ def cold_start(
 
         shutil.rmtree(out_dir)
     os.replace(temporary, out_dir)
+    return report
+
+
+def cold_start_run(run) -> dict:
+    """A run's cold start, as its config sets it (cold_start_* keys): the teacher sampled by
+    the run's rollout engine kind, the student fine-tuned in place and pushed to the engine.
+    Writes <run_dir>/cold_start_model and a `cold_start` record; returns the report."""
+    config = run.config
+    settings = SFTSettings(
+        responses_per_prompt=config.cold_start_responses_per_prompt,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.rollout_temperature,
+        only_correct=config.cold_start_only_correct,
+        steps=config.cold_start_steps,
+        batch_size=config.cold_start_batch_size,
+        lr=config.cold_start_lr,
+        seed=config.seed,
+    )
+    teacher_engine = None
+    if run.teacher.local_model is not None:
+        teacher_engine = run.engine_for(run.teacher.local_model, run.paths["teacher"])
+    try:
+        report = cold_start(
+            run.pair,
+            run.train_examples,
+            config.prompt_template,
+            settings,
+            os.path.join(config.run_dir, "cold_start_model"),
+            progress=config.progress,
+            engine=teacher_engine,
+        )
+    finally:
+        if teacher_engine is not None:
+            teacher_engine.close()
+    run.engine.sync_weights(run.student)  # OPD starts from the fine-tuned student
+    run.log.write(
+        {
+            "kind": "cold_start",
+            "step": 0,
+            **{k: v for k, v in report.items() if k != "settings"},
+        }
+    )
     return report

@@ -20,9 +20,10 @@ import yaml
 from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
+from opd_fast.training.distributed import env_world_size
 from opd_fast.training.loggers import parse_loggers
 
-# The rollout engines (opd_fast.training.engines; named here, imported only when built).
+# The rollout engines (opd_fast.training.rollouts; named here, imported only when built).
 ENGINE_NAMES = ("hf", "vllm")
 
 # (keys, the test every one of them must pass, how the error states it). Every number is also
@@ -161,9 +162,11 @@ class TrainConfig:
     # Multi-rank runs on GPUs (torchrun): FSDP2 keeps the student's sharded state in CPU memory.
     fsdp_cpu_offload: bool = False
 
-    def validate(self) -> TrainConfig:
+    def validate(self, world_size: int | None = None) -> TrainConfig:
         """Raise ValueError naming the first bad value (its type, range, or the file it
-        names), before anything is loaded; returns self for chaining."""
+        names, or a limit of a multi-rank run), before anything is loaded; returns self for
+        chaining. world_size: the ranks the run will have (default: torchrun's WORLD_SIZE,
+        1 outside torchrun)."""
         for field in dataclasses.fields(self):
             _check_type(field.name, str(field.type), getattr(self, field.name))
         for names, holds, bound in _BOUNDS:
@@ -201,6 +204,7 @@ class TrainConfig:
             )
         _check_template(self.prompt_template)
         parse_loggers(self.loggers)
+        _check_ranks(self, env_world_size() if world_size is None else world_size)
         _check_paths(self)
         return self
 
@@ -263,6 +267,24 @@ def _check_template(template: str) -> None:
         raise ValueError(f"config: prompt_template never uses {{prompt}}: {template!r}")
 
 
+def _check_ranks(config: TrainConfig, world_size: int) -> None:
+    """What a run of `world_size` ranks needs of the config."""
+    if config.prompts_per_step % world_size:
+        raise ValueError(
+            f"config: prompts_per_step ({config.prompts_per_step}) must be a multiple of the "
+            f"number of ranks ({world_size})"
+        )
+    if world_size == 1:
+        return
+    if config.cold_start_steps:
+        raise ValueError("config: cold_start_steps is not supported in a multi-rank run yet")
+    if config.rollout_engine != "hf":  # the weight sync gathers no shards yet
+        raise ValueError(
+            f"config: rollout_engine {config.rollout_engine} is not supported in a "
+            "multi-rank run yet; use rollout_engine: hf"
+        )
+
+
 def _check_paths(config: TrainConfig) -> None:
     """The model folders and data files the config names exist and are what they should be."""
     models = ["student"] + ([] if config.teacher_url else ["teacher"])
@@ -322,9 +344,13 @@ def _coerce(name: str, raw: Any) -> Any:
 
 
 def make_config(
-    values: dict[str, Any] | None = None, base: TrainConfig | None = None
+    values: dict[str, Any] | None = None,
+    base: TrainConfig | None = None,
+    *,
+    world_size: int | None = None,
 ) -> TrainConfig:
-    """A validated TrainConfig from `base` (default: defaults) with `values` applied.
+    """A validated TrainConfig from `base` (default: defaults) with `values` applied, for a
+    run of `world_size` ranks (TrainConfig.validate).
 
     Unknown keys raise ValueError listing the valid ones.
     """
@@ -334,7 +360,7 @@ def make_config(
     if unknown:
         raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
     coerced = {name: _coerce(name, value) for name, value in values.items()}
-    return dataclasses.replace(base or TrainConfig(), **coerced).validate()
+    return dataclasses.replace(base or TrainConfig(), **coerced).validate(world_size)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -352,13 +378,15 @@ def load_config(
     path: str | None = None,
     overrides: dict[str, Any] | None = None,
     base: TrainConfig | None = None,
+    *,
+    world_size: int | None = None,
 ) -> TrainConfig:
     """Read a YAML or JSON file (a flat mapping of TrainConfig keys), then apply overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_config_file(path))
     values.update(overrides or {})
-    return make_config(values, base)
+    return make_config(values, base, world_size=world_size)
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

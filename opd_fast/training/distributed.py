@@ -37,6 +37,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_world_size() -> int:
+    """The number of ranks torchrun started (1 outside torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
 @dataclass
 class Distributed:
     rank: int = 0

@@ -7,12 +7,15 @@ over the shared vocabulary, tau the rollout temperature. With identical weights 
 two agree to rounding; the gap |log pi_train - log pi_engine| is logged every step (mean and
 max over response tokens). Truncated importance sampling (the RL frameworks' "TIS") corrects
 what remains: each token's loss is weighted by min(pi_train / pi_engine, C), the weight
-detached (it rescales the gradient, it is not trained through).
+detached (it rescales the gradient, it is not trained through); the weights reach the loss as
+its token weights.
 """
 
 from __future__ import annotations
 
 import torch
+
+from opd_fast.op.linear import logit_chunks
 
 
 def sampled_log_probs(
@@ -45,15 +48,8 @@ def sampled_log_probs_from_hidden(
     rows, ids = hidden.reshape(-1, hidden.shape[-1]), sampled_ids.reshape(-1)
     chunk = max(1, chunk_bytes // (vocab * 4 * 2))  # the fp32 logits and their scaled copy
     out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        for start in range(0, ids.numel(), chunk):
-            part = rows[start : start + chunk]
-            logits = part @ weight[:vocab].t()
-            if bias is not None:
-                logits = logits + bias[:vocab]
-            out[start : start + chunk] = sampled_log_probs(
-                logits, ids[start : start + chunk], temperature
-            )
+    for start, end, logits in logit_chunks(rows, weight, bias, vocab, chunk):
+        out[start:end] = sampled_log_probs(logits, ids[start:end], temperature)
     return out.reshape(sampled_ids.shape)
 
 
@@ -65,21 +61,6 @@ def truncated_is_weights(
         raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
     ratio = torch.exp((train_log_probs - engine_log_probs).detach().float())
     return ratio.clamp(max=cap)
-
-
-def reduce_weighted(
-    token_loss: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, reduction: str
-) -> torch.Tensor:
-    """(B, T) per-token losses times weights, reduced like opd_loss reduces (sum over the
-    masked tokens, or the mean over sequences of their token sums)."""
-    weighted = torch.where(mask.bool(), token_loss * weights.to(token_loss.dtype), 0.0)
-    if reduction == "sum":
-        return weighted.sum()
-    if reduction == "seq_mean_token_sum":
-        return weighted.sum(dim=-1).mean()
-    raise ValueError(
-        f"reduce_weighted: reduction must be sum or seq_mean_token_sum, got {reduction!r}"
-    )
 
 
 class OffPolicyGap:

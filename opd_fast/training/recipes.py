@@ -31,7 +31,9 @@ TOY_DEMO = {
 RECIPES = {"toy_demo": TOY_DEMO}
 
 
-def recipe(name: str, overrides: dict | None = None) -> TrainConfig:
+def recipe(
+    name: str, overrides: dict | None = None, *, world_size: int | None = None
+) -> TrainConfig:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
-    return make_config({**RECIPES[name], **(overrides or {})})
+    return make_config({**RECIPES[name], **(overrides or {})}, world_size=world_size)

@@ -1,10 +1,10 @@
-"""Checkpoints: student weights (safetensors) plus everything needed to resume exactly,
-verified before they are trusted.
+"""Sealed checkpoint folders, whatever writes them (the single-process and the sharded
+checkpointer): <run_dir>/checkpoints/step_000050/ with a manifest.json of every file's size
+and sha256.
 
-Layout: <run_dir>/checkpoints/step_000050/{model/, trainer_state.pt, manifest.json}. A
-checkpoint is written under a temporary name, its manifest (the size and sha256 of every
-file) last, then renamed into place; re-saving a step moves the old copy aside before the new
-one takes its name and deletes it only then, so no kill ever leaves a step without a copy.
+A checkpoint is written under a temporary name (`begin_checkpoint`), its manifest last, then
+renamed into place (`finish_checkpoint`); re-saving a step moves the old copy aside before the
+new one takes its name and deletes it only then, so no kill ever leaves a step without a copy.
 
 Resuming never trusts one pointer: it scans every step folder (and the temporary copies a kill
 left behind), takes the newest whose files match its manifest, and says which damaged ones
@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,8 @@ def _checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def _fault(stage: str) -> None:
+def fault(stage: str) -> None:
+    """SIGKILL this process at save stage `stage` when FAULT_ENV asks for it (tests)."""
     wanted = os.environ.get(FAULT_ENV)
     if not wanted:
         return
@@ -102,7 +102,7 @@ def verify(folder: str) -> str | None:
     file). A checkpoint written before manifests existed passes if its files are there."""
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.exists(manifest_path):
-        for needed in ("trainer_state.pt", os.path.join("model", "config.json")):
+        for needed in (TRAINER_STATE, os.path.join("model", "config.json")):
             if not os.path.exists(os.path.join(folder, needed)):
                 return f"{needed} is missing (and there is no {MANIFEST})"
         return None
@@ -142,23 +142,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@dataclass
-class Checkpoint:
-    step: int
-    model_dir: str
-    trainer_state: dict[str, Any]
+TRAINER_STATE = "trainer_state.pt"
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, trainer_state: dict[str, Any]) -> str:
-    """Write checkpoint `step` (verified, atomically) and name it in `latest`; returns its
-    directory."""
-    temporary = begin_checkpoint(run_dir, step)
-    model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
-    tokenizer.save_pretrained(os.path.join(temporary, "model"))
-    _fault("weights")
-    torch.save({"step": step, **trainer_state}, os.path.join(temporary, "trainer_state.pt"))
-    _fault("state")
-    return finish_checkpoint(run_dir, step, temporary)
+def write_trainer_state(folder: str, step: int, state: dict[str, Any]) -> None:
+    """The resume state (everything but the weights) of checkpoint `step` into `folder`."""
+    torch.save({"step": step, **state}, os.path.join(folder, TRAINER_STATE))
+
+
+def read_trainer_state(folder: str) -> dict[str, Any]:
+    """write_trainer_state's dict (with "step"); CheckpointError naming a damaged file."""
+    state_path = os.path.join(folder, TRAINER_STATE)
+    try:
+        state = torch.load(state_path, weights_only=False)
+    except Exception as error:  # torch raises many kinds on a damaged file
+        raise CheckpointError(f"cannot read {state_path}: {error}") from None
+    state["step"] = int(state["step"])
+    return state
 
 
 def begin_checkpoint(run_dir: str, step: int) -> str:
@@ -180,20 +180,20 @@ def finish_checkpoint(run_dir: str, step: int, temporary: str) -> str:
     name = f"step_{step:06d}"
     final = os.path.join(root, name)
     write_manifest(temporary, step)
-    _fault("manifest")
+    fault("manifest")
     aside = None
     if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in
         aside = os.path.join(root, f".{name}.old-{os.getpid()}")
         os.replace(final, aside)
-        _fault("aside")
+        fault("aside")
     os.replace(temporary, final)
-    _fault("renamed")
+    fault("renamed")
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     _write_text_atomic(os.path.join(root, "latest"), name + "\n")
-    _fault("latest")
+    fault("latest")
     _prune(root, keep=KEEP_LAST)
-    _fault("pruned")
+    fault("pruned")
     return final
 
 
@@ -267,36 +267,3 @@ def latest_checkpoint(run_dir: str) -> str | None:
         if in_place and verify(path) is None:
             return path
     return None
-
-
-def load_checkpoint(path: str) -> Checkpoint:
-    state_path = os.path.join(path, "trainer_state.pt")
-    try:
-        state = torch.load(state_path, weights_only=False)
-    except Exception as error:  # torch raises many kinds on a damaged file
-        raise CheckpointError(f"cannot read {state_path}: {error}") from None
-    return Checkpoint(
-        step=int(state["step"]), model_dir=os.path.join(path, "model"), trainer_state=state
-    )
-
-
-def load_weights(model: torch.nn.Module, model_dir: str) -> None:
-    """Copy safetensors weights from a checkpoint's model dir into `model` in place."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            path = os.path.join(model_dir, name)
-            try:
-                state.update(load_file(path))
-            except Exception as error:  # safetensors raises its own kinds on a damaged file
-                raise CheckpointError(f"cannot read {path}: {error}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied output embeddings are saved once; anything else missing is a real problem.
-    missing = [m for m in missing if "lm_head" not in m]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {model_dir} does not match the model: missing {missing}, "
-            f"unexpected {unexpected}"
-        )

@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from opd_fast.training.engines.base import EngineUnavailable, RolloutEngine, SamplingSettings
-from opd_fast.training.rollout import RolloutBatch, pack
+from opd_fast.training.rollouts.base import EngineUnavailable, RolloutEngine, SamplingSettings
+from opd_fast.training.rollouts.batch import RolloutBatch, pack
 
 INSTALL_HINT = 'pip install "opd_fast[vllm]"'
 # The share of a GPU's memory the engine may take (weights, activations and KV cache while it

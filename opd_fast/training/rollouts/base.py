@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_fast.training.data import Example, render_prompt
-from opd_fast.training.rollout import RolloutBatch, encode_prompts
+from opd_fast.training.rollouts.batch import RolloutBatch
 
 
 class EngineUnavailable(RuntimeError):
@@ -68,23 +67,3 @@ class RolloutEngine:
 
     def close(self) -> None:
         """Free everything the engine holds."""
-
-
-def sample_examples(
-    engine: RolloutEngine,
-    tokenizer,
-    examples: list[Example],
-    *,
-    repeats: int,
-    template: str,
-    settings: SamplingSettings,
-) -> tuple[RolloutBatch, list[Example]]:
-    """`repeats` responses to each example with `engine`: repeat, render with the prompt
-    template, encode, generate. A seeded engine gets one seed per sequence from torch's
-    generator, so a run's seed (and a resumed run's restored generator) fixes its samples.
-    Returns the batch and the example each sequence answers."""
-    repeated = [example for example in examples for _ in range(repeats)]
-    prompts = [render_prompt(example, template, tokenizer) for example in repeated]
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist() if engine.seeded else None
-    return engine.generate(prompt_ids, settings, seeds=seeds), repeated

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from opd_fast.training.config import ENGINE_NAMES as ENGINES
-from opd_fast.training.engines.base import RolloutEngine
+from opd_fast.training.rollouts.base import RolloutEngine
 
 
 def make_engine(
@@ -28,11 +28,11 @@ def make_engine(
     response tokens; sequences in flight).
     """
     if kind == "hf":
-        from opd_fast.training.engines.hf import HFEngine
+        from opd_fast.training.rollouts.hf import HFEngine
 
         return HFEngine(model, tokenizer, batch_size=batch_size)
     if kind == "vllm":
-        from opd_fast.training.engines.vllm import VLLMEngine
+        from opd_fast.training.rollouts.vllm import VLLMEngine
 
         if model_path is None:
             raise ValueError("the vllm rollout engine needs the model's directory (model_path)")

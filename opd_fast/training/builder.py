@@ -1,0 +1,203 @@
+"""A config in, everything a training run is made of out: the process group, the data, the
+student and its teacher, the loss path, the rollout engine, the optimizer and schedule, the
+run log and the checkpointer (`build_run`).
+
+The order matters and is kept: data is read before any model loads (a bad row is reported
+before minutes of loading), and the random streams are seeded before anything draws from them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from opd_fast.models.loading import Placement
+from opd_fast.op.loss import opd_loss
+from opd_fast.teachers.base import Teacher
+from opd_fast.teachers.factory import TeacherSpec
+from opd_fast.toy import resolve_toy
+from opd_fast.training.checkpoints import Checkpointer, make_checkpointer
+from opd_fast.training.config import TrainConfig
+from opd_fast.training.data import Example, PromptSampler, check_prompt_lengths, load_examples
+from opd_fast.training.distributed import Distributed, teacher_url_for_rank
+from opd_fast.training.loggers import open_run_log
+from opd_fast.training.memory import PeakMemory
+from opd_fast.training.metrics import MetricsLog
+from opd_fast.training.pair import Pair, load_pair
+from opd_fast.training.rollouts import RolloutEngine, make_engine
+from opd_fast.training.step.score import LossSettings, choose_loss_path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class Run:
+    """The parts of one training run; the stages of a step (opd_fast.training.step) read them."""
+
+    config: TrainConfig
+    dist: Distributed
+    paths: dict[str, str]  # student, teacher, train_data, eval_data: "toy" resolved
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    pair: Pair  # student (FSDP2-sharded on several ranks), teacher, tokenizer, shared vocab
+    loss: LossSettings
+    loss_path: str
+    loss_fn: Callable  # opd_loss, or a function with its signature (tests: the reference)
+    longest_prompt: int  # tokens, over train and eval prompts
+    sampler: PromptSampler
+    engine: RolloutEngine  # the student's: rollouts and evaluation
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    log: MetricsLog
+    checkpointer: Checkpointer
+    memory: PeakMemory
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.pair.student
+
+    @property
+    def teacher(self) -> Teacher:
+        return self.pair.teacher
+
+    @property
+    def tokenizer(self):
+        return self.pair.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.pair.placement.device
+
+    def engine_for(self, model: torch.nn.Module, model_path: str) -> RolloutEngine:
+        """A config.rollout_engine engine sampling `model` (loaded from `model_path`)."""
+        return make_run_engine(self.config, model, self.tokenizer, model_path, self.longest_prompt)
+
+
+def make_run_engine(config, model, tokenizer, model_path: str, longest_prompt: int):
+    return make_engine(
+        config.rollout_engine,
+        model,
+        tokenizer,
+        model_path=model_path,
+        batch_size=config.rollout_batch_size,
+        seed=config.seed,
+        max_model_len=longest_prompt + config.max_new_tokens,
+        max_num_seqs=config.rollout_batch_size,
+    )
+
+
+def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_loss) -> Run:
+    """Everything `config` names, loaded and checked. teacher: use this Teacher instead of
+    building the one the config names; loss_fn: opd_loss or a function with its signature."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard load/save bars drown the step bar
+    # Under torchrun: a process group, this rank's device; else a no-op single process.
+    dist = Distributed.from_env(config.device)
+    seed_everything(config.seed + dist.rank)  # each rank samples its own rollouts
+    spec = TeacherSpec.from_config(config)
+    spec = replace(spec, url=teacher_url_for_rank(spec.url, dist.rank))
+    paths = dist.main_first(  # rank 0 builds the toy world's cache, then the others
+        lambda: resolve_toy(
+            {
+                "student": config.student,
+                "teacher": None if teacher is not None else spec.path,
+                "train_data": config.train_data,
+                "eval_data": config.eval_data,
+            },
+            progress=config.progress and dist.is_main,
+        )
+    )
+    placement = Placement.resolve(
+        dist.device_name(config.device), config.dtype, config.attn_implementation
+    )
+    # Data first: a bad row is reported before minutes of model loading.
+    train_examples = load_examples(paths["train_data"])
+    eval_examples = load_examples(paths["eval_data"])
+    if config.eval_max_prompts:
+        eval_examples = eval_examples[: config.eval_max_prompts]
+    pair = load_pair(
+        paths["student"],
+        replace(spec, path=paths["teacher"]),
+        placement,
+        student_trainable=True,
+        variant=config.variant,
+        k=config.k,
+        built_teacher=teacher,
+    )
+    pair.student = dist.shard(pair.student, placement.dtype, config.fsdp_cpu_offload)
+    loss = LossSettings(
+        k=config.k,
+        variant=config.variant,
+        estimator=config.estimator,
+        temperature=config.loss_temperature,
+        vocab=pair.vocab,
+    )
+    loss_path, why = choose_loss_path(config.loss_path, pair.student, loss_fn, dist.world_size)
+    if loss_path != config.loss_path:
+        print(why, flush=True)
+    memory = PeakMemory(pair.placement.device)
+    positions = getattr(pair.student.config, "max_position_embeddings", None)
+    longest_prompt = max(
+        check_prompt_lengths(
+            examples, config.prompt_template, pair.tokenizer, config.max_new_tokens, positions
+        )
+        for examples in (train_examples, eval_examples)
+    )
+    sampler = PromptSampler(train_examples, config.seed)
+    # The student's sampler: rollouts and evaluation (vllm: refused here, before any step,
+    # when it is not installed or cannot run the student's architecture).
+    engine = make_run_engine(config, pair.student, pair.tokenizer, paths["student"], longest_prompt)
+    optimizer = torch.optim.AdamW(
+        pair.student.parameters(),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    os.makedirs(config.run_dir, exist_ok=True)
+    log = open_run_log(config.run_dir, config.loggers, config.to_dict(), dist.is_main)
+    return Run(
+        config=config,
+        dist=dist,
+        paths=paths,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        pair=pair,
+        loss=loss,
+        loss_path=loss_path,
+        loss_fn=loss_fn,
+        longest_prompt=longest_prompt,
+        sampler=sampler,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        log=log,
+        checkpointer=make_checkpointer(config.run_dir, dist),
+        memory=memory,
+    )
