@@ -29,7 +29,6 @@ WORKER = os.path.join(HERE, "distributed_worker.py")
 REPO = os.path.dirname(HERE)
 
 RUN = dict(
-    loss_path="logits",  # what a multi-rank run takes (FSDP2 gathers in forward()): same path
     steps=3,
     prompts_per_step=4,
     rollouts_per_prompt=2,
@@ -243,8 +242,12 @@ def test_step_metrics_reduce_to_token_weighted_means_over_ranks(tmp_path):
 # ---- torchrun ------------------------------------------------------------------------------
 
 
-def test_two_rank_step_equals_single_process_step(tmp_path, tiny):
-    values = dict(**tiny, **RUN, run_dir=str(tmp_path / "single"))
+@pytest.mark.parametrize("loss_path", ["fused_linear", "logits"])
+def test_two_rank_step_equals_single_process_step(tmp_path, tiny, loss_path):
+    """One step on 2 FSDP2 ranks equals the single-process step on the same global batch, on
+    both loss paths (fused_linear: the output layer gathered by FSDP's hooks, its gradient
+    reduce-scattered with the tied embeddings')."""
+    values = dict(**tiny, **RUN, run_dir=str(tmp_path / "single"), loss_path=loss_path)
     single = Trainer(make_config(values))
     # One global batch of 8 sequences, given to both.
     batch, examples = sample_rollouts(single.parts)
@@ -268,6 +271,7 @@ def test_two_rank_step_equals_single_process_step(tmp_path, tiny):
     record = {k: v for k, v in result["record"].items() if not any(t in k for t in TIMING)}
     want = {k: v for k, v in expected_record.items() if not any(t in k for t in TIMING)}
     _assert_records_close([record], [want])
+    assert record["loss_path"] == loss_path
     profile = record["position_profile"]
     assert profile.keys() == want["position_profile"].keys()
     for name, chunks in want["position_profile"].items():

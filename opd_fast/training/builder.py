@@ -158,7 +158,7 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
         temperature=config.loss_temperature,
         vocab=pair.vocab,
     )
-    loss_path, why = choose_loss_path(config.loss_path, pair.student, loss_fn, dist.world_size)
+    loss_path, why = choose_loss_path(config.loss_path, pair.student, loss_fn)
     if loss_path != config.loss_path:
         print(why, flush=True)
     memory = PeakMemory(pair.placement.device)

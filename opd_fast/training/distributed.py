@@ -239,6 +239,7 @@ class Distributed:
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
+        register_root_call(model)
         return model
 
     def backward(self, scaled_loss: torch.Tensor) -> None:
@@ -263,6 +264,37 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# A method of an FSDP2 root that runs a function inside the root's forward hooks.
+ROOT_CALL = "opd_fast_root_call"
+
+
+def _root_call(self, fn: Callable, *args, **kwargs):
+    return fn(self, *args, **kwargs)
+
+
+def register_root_call(model: torch.nn.Module) -> None:
+    """Give an FSDP2-sharded model a forward method that runs any function of the model
+    (with_root_parameters): FSDP gathers the root's own parameters (the embeddings, the final
+    norm, the output layer) for it, as for forward(), and reduce-scatters their gradients in
+    the backward like any other."""
+    import types
+
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(model, ROOT_CALL, types.MethodType(_root_call, model))
+    register_fsdp_forward_method(model, ROOT_CALL)
+
+
+def with_root_parameters(model: torch.nn.Module, fn: Callable, *args, **kwargs):
+    """fn(model, *args, **kwargs) where the model's own parameters are whole: through the
+    registered root call under FSDP2, directly otherwise. What the fused linear loss path
+    runs the decoder, the output layer and the loss in, since it does not call forward()."""
+    call = getattr(model, ROOT_CALL, None)
+    if call is None:
+        return fn(model, *args, **kwargs)
+    return call(fn, *args, **kwargs)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -29,6 +29,7 @@ from opd_fast.op.linear import linear_opd_loss, linear_topk_ids
 from opd_fast.op.loss import NonFiniteLogitsError, OPDLossOutput, opd_loss
 from opd_fast.op.reductions import SplitReduction
 from opd_fast.teachers.base import HIDDEN_STATES, LOGITS, ScoreRequest, Teacher
+from opd_fast.training.distributed import with_root_parameters
 from opd_fast.training.metrics import PositionProfile, StepMetrics
 from opd_fast.training.off_policy import (
     OffPolicyGap,
@@ -66,29 +67,25 @@ class LossSettings:
         }
 
 
-def fused_linear_unavailable(student: torch.nn.Module, loss_fn, world_size: int) -> str | None:
-    """Why the fused_linear path cannot score with this student (None: it can). Every teacher
-    can: one whose logits are not a linear layer of its hidden states answers with logits,
-    a payload teacher with its payload, and linear_opd_loss takes both."""
+def fused_linear_unavailable(student: torch.nn.Module, loss_fn) -> str | None:
+    """Why the fused_linear path cannot score with this student (None: it can), on any number
+    of ranks. Every teacher can: one whose logits are not a linear layer of its hidden states
+    answers with logits, a payload teacher with its payload, and linear_opd_loss takes both."""
     if loss_fn is not opd_loss:
         return "a custom loss_fn is given (it takes logits)"
-    if world_size > 1:  # FSDP2 gathers the output layer inside forward(), which it skips
-        return "it is not supported in a multi-rank run yet"
     reason = nonlinear_head_reason(student)
     if reason is not None:
         return f"the student's logits are not a linear layer of its hidden states: {reason}"
     return None
 
 
-def choose_loss_path(
-    wanted: str, student, loss_fn=opd_loss, world_size: int = 1
-) -> tuple[str, str]:
+def choose_loss_path(wanted: str, student, loss_fn=opd_loss) -> tuple[str, str]:
     """(the path score_batch will take, why) for the config's `loss_path`."""
     if wanted not in LOSS_PATHS:
         raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {wanted!r}")
     if wanted == LOGITS:
         return LOGITS, "loss_path=logits"
-    reason = fused_linear_unavailable(student, loss_fn, world_size)
+    reason = fused_linear_unavailable(student, loss_fn)
     if reason is None:
         return FUSED_LINEAR, "loss_path=fused_linear"
     return LOGITS, f"loss_path=fused_linear is not possible here, {reason}: using logits"
@@ -129,35 +126,47 @@ class StudentLogits:
 
 class StudentHidden:
     """The student's (B, L-1, H) final hidden states and output layer (the fused_linear path):
-    its logits are formed a chunk of tokens at a time, inside the loss."""
+    its logits are formed a chunk of tokens at a time, inside the loss. Everything that reads
+    the student's weights runs through with_root_parameters, so that under FSDP2 the output
+    layer is gathered (and its gradient reduce-scattered) by FSDP's own hooks."""
 
     answer_form = HIDDEN_STATES
 
     def __init__(self, student, batch: RolloutBatch, vocab: int):
-        hidden = last_hidden_states(
-            student, batch.input_ids, batch.attention_mask, batch.position_ids
+        self.student, self.vocab = student, vocab
+        self.hidden = with_root_parameters(
+            student,
+            lambda model: last_hidden_states(
+                model, batch.input_ids, batch.attention_mask, batch.position_ids
+            )[:, :-1],
         )
-        self.hidden = hidden[:, :-1]
-        self.weight, self.bias = output_layer(student)
-        self.vocab = vocab
         self.dtype = self.hidden.dtype
 
+    def _with_output_layer(self, fn):
+        return with_root_parameters(self.student, lambda model: fn(*output_layer(model)))
+
     def topk_ids(self, k: int) -> torch.Tensor:
-        return linear_topk_ids(self.hidden, self.weight, self.bias, self.vocab, k)
+        return self._with_output_layer(
+            lambda weight, bias: linear_topk_ids(self.hidden, weight, bias, self.vocab, k)
+        )
 
     def sampled_log_probs(self, sampled_ids, temperature) -> torch.Tensor:
-        return sampled_log_probs_from_hidden(
-            self.hidden, self.weight, self.bias, self.vocab, sampled_ids, temperature
+        return self._with_output_layer(
+            lambda weight, bias: sampled_log_probs_from_hidden(
+                self.hidden, weight, bias, self.vocab, sampled_ids, temperature
+            )
         )
 
     def loss(self, teacher_answer, **op_keywords) -> OPDLossOutput:
-        return linear_opd_loss(
-            self.hidden,
-            self.weight,
-            teacher_answer,
-            student_bias=self.bias,
-            vocab=self.vocab,
-            **op_keywords,
+        return self._with_output_layer(
+            lambda weight, bias: linear_opd_loss(
+                self.hidden,
+                weight,
+                teacher_answer,
+                student_bias=bias,
+                vocab=self.vocab,
+                **op_keywords,
+            )
         )
 
 
