@@ -5,6 +5,9 @@
 
 step: one train_step on the global batch saved in --batch (this rank takes its share), then rank
       0 saves the full (unsharded) parameters and the step's record to --out.
+teacher: the in-process teacher's answers (hidden states with the output layer, and logits)
+      for the batch in --batch, every rank scoring all of it; rank 0 saves them to --out with
+      the share of the teacher's parameters this rank holds.
 run:  Trainer(config).run(resume=--resume, stop_after=--stop-after); with --fail-rank R, rank R
       raises in its step --fail-step; with --logits, rank 0 saves the trained (sharded) student's
       logits on fixed token ids to that file.
@@ -33,6 +36,12 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
     }
 
 
+def local_numel(parameter) -> int:
+    """Elements this rank holds of a (possibly FSDP-sharded, DTensor) parameter."""
+    local = getattr(parameter, "to_local", None)
+    return (local() if local is not None else parameter).numel()
+
+
 def share_of(batch, examples, rank: int, world: int):
     per = batch.input_ids.shape[0] // world
     return batch.select(rank * per, (rank + 1) * per), examples[rank * per : (rank + 1) * per]
@@ -40,7 +49,7 @@ def share_of(batch, examples, rank: int, world: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["step", "run"])
+    parser.add_argument("mode", choices=["step", "run", "teacher"])
     parser.add_argument("config")
     parser.add_argument("--batch")
     parser.add_argument("--out")
@@ -59,6 +68,21 @@ def main() -> None:
         parameters = full_parameters(trainer.parts.student)
         if dist.is_main:
             torch.save({"parameters": parameters, "record": record}, args.out)
+        dist.close()
+        return
+    if args.mode == "teacher":
+        batch, _ = torch.load(args.batch, weights_only=False)
+        local = trainer.parts.teacher
+        hidden = local.linear_teacher(
+            batch.input_ids, batch.attention_mask, batch.position_ids, torch.float32
+        )
+        logits = local.logits(batch.input_ids, batch.attention_mask, batch.position_ids)
+        held = sum(local_numel(p) for p in local.model.parameters())
+        total = sum(p.numel() for p in local.model.parameters())
+        if dist.is_main:
+            torch.save(
+                {"hidden": hidden, "logits": logits, "held_fraction": held / total}, args.out
+            )
         dist.close()
         return
     if args.fail_rank is not None:

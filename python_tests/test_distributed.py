@@ -242,11 +242,19 @@ def test_step_metrics_reduce_to_token_weighted_means_over_ranks(tmp_path):
 # ---- torchrun ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_path", ["fused_linear", "logits"])
-def test_two_rank_step_equals_single_process_step(tmp_path, tiny, loss_path):
+@pytest.mark.parametrize(
+    ("loss_path", "ranked_keys"),
+    [
+        ("fused_linear", {}),
+        ("logits", {}),
+        ("fused_linear", {"teacher_sharding": "shard", "activation_checkpointing": True}),
+    ],
+)
+def test_two_rank_step_equals_single_process_step(tmp_path, tiny, loss_path, ranked_keys):
     """One step on 2 FSDP2 ranks equals the single-process step on the same global batch, on
     both loss paths (fused_linear: the output layer gathered by FSDP's hooks, its gradient
-    reduce-scattered with the tied embeddings')."""
+    reduce-scattered with the tied embeddings'), with the teacher replicated or sharded, and
+    with activation checkpointing."""
     values = dict(**tiny, **RUN, run_dir=str(tmp_path / "single"), loss_path=loss_path)
     single = Trainer(make_config(values))
     # One global batch of 8 sequences, given to both.
@@ -259,7 +267,8 @@ def test_two_rank_step_equals_single_process_step(tmp_path, tiny, loss_path):
     expected = {name: p.detach().clone() for name, p in student.state_dict().items()}
     assert all(not torch.equal(before[name], expected[name]) for name in expected)
 
-    config = _write_config(tmp_path / "c.json", {**values, "run_dir": str(tmp_path / "two")})
+    ranked = {**values, "run_dir": str(tmp_path / "two"), **ranked_keys}
+    config = _write_config(tmp_path / "c.json", ranked)
     out = str(tmp_path / "two.pt")
     _check(_torchrun(["step", config, "--batch", batch_path, "--out", out]))
     result = torch.load(out, weights_only=False)
@@ -278,6 +287,30 @@ def test_two_rank_step_equals_single_process_step(tmp_path, tiny, loss_path):
         assert [c is None for c in profile[name]] == [c is None for c in chunks], name
         present = [(a, b) for a, b in zip(profile[name], chunks) if b is not None]
         assert [a for a, _ in present] == pytest.approx([b for _, b in present], rel=1e-5), name
+
+
+def test_sharded_teacher_answers_as_the_replicated_one(tmp_path, tiny):
+    """teacher_sharding: shard holds half the teacher's parameters per rank (of 2) and gives
+    the replicated teacher's hidden states, output layer and logits."""
+    values = dict(**tiny, **RUN, run_dir=str(tmp_path / "single"))
+    single = Trainer(make_config(values))
+    batch, examples = sample_rollouts(single.parts)
+    batch_path = str(tmp_path / "batch.pt")
+    torch.save((batch, examples), batch_path)
+    local = single.parts.teacher
+    hidden = local.linear_teacher(
+        batch.input_ids, batch.attention_mask, batch.position_ids, torch.float32
+    )
+    logits = local.logits(batch.input_ids, batch.attention_mask, batch.position_ids)
+    ranked = {**values, "run_dir": str(tmp_path / "two"), "teacher_sharding": "shard"}
+    out = str(tmp_path / "teacher.pt")
+    _check(_torchrun(["teacher", _write_config(tmp_path / "c.json", ranked), "--batch",
+                      batch_path, "--out", out]))  # fmt: skip
+    sharded = torch.load(out, weights_only=False)
+    assert sharded["held_fraction"] == pytest.approx(0.5, abs=0.01)
+    torch.testing.assert_close(sharded["hidden"].hidden, hidden.hidden, rtol=1e-5, atol=1e-6)
+    assert torch.equal(sharded["hidden"].weight, hidden.weight)
+    torch.testing.assert_close(sharded["logits"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_two_rank_run_resumes_exactly_and_exports(tmp_path, tiny):

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import opd_fast
 from opd_fast.op import reference
 from opd_fast.op.linear import (
+    LinearOpInputs,
     LinearTeacher,
     default_chunk_tokens,
     linear_opd_forward,
@@ -184,16 +185,43 @@ DTYPE_TOLERANCES = {
 @pytest.mark.parametrize("variant,estimator", [("student_topk", "pg"), ("full_vocab", "exact"),
                                                ("union_topk", "exact")])  # fmt: skip
 def test_low_precision_matches_materialised(dtype, variant, estimator):
-    """fp32/bf16/fp16: the chunked GEMMs give the materialised path's values (the weight
-    gradient is summed over chunks in fp32, one rounding like the single GEMM's)."""
+    """fp32/bf16/fp16 with fp32_weight_grad: the chunked GEMMs give the materialised path's
+    values (the weight gradient summed over chunks in fp32, one rounding like the single
+    GEMM's)."""
     batch_shape = (61,)
     hidden, weight, bias, teacher = _problem(batch_shape, dtype=dtype, seed=9)
     mask, ids = _mask_and_ids(batch_shape, seed=10)
     settings = dict(k=16, variant=variant, estimator=estimator, mask=mask, sampled_ids=ids,
                     temperature=1.3)  # fmt: skip
-    fused = _fused(hidden, weight, bias, teacher, vocab=VOCAB, chunk_tokens=16, **settings)
+    fused = _fused(hidden, weight, bias, teacher, vocab=VOCAB, chunk_tokens=16,
+                   fp32_weight_grad=True, **settings)  # fmt: skip
     materialised = _materialised(hidden, weight, bias, _teacher_logits(teacher), **settings)
     _assert_same(fused, materialised, **DTYPE_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weight_gradient_summed_in_place(dtype):
+    """By default a low-precision weight gradient is summed over the chunks in its own dtype:
+    within a few roundings of that dtype per chunk of the fp64 gradient, and no further than
+    the fp32 sum is from it by more than those roundings. fp32 weights are unaffected."""
+    batch_shape = (61,)
+    hidden, weight, bias, teacher = _problem(batch_shape, dtype=dtype, seed=9)
+    mask, ids = _mask_and_ids(batch_shape, seed=10)
+    settings = dict(k=16, mask=mask, sampled_ids=ids, vocab=VOCAB, chunk_tokens=16)
+    _, (_, in_place, _) = _fused(hidden, weight, bias, teacher, **settings)
+    _, (_, in_fp32, _) = _fused(hidden, weight, bias, teacher, fp32_weight_grad=True, **settings)
+    exact = _fused(
+        hidden.double(), weight.double(), bias.double(),
+        LinearTeacher(teacher.hidden.double(), teacher.weight.double()), **settings,
+    )[1][1]  # fmt: skip
+    assert in_place.dtype == dtype
+    chunks = -(-61 // 16)
+    bound = 2 * chunks * torch.finfo(dtype).eps * exact.abs().max()
+    assert (in_place.double() - exact).abs().max() <= bound + (in_fp32.double() - exact).abs().max()
+    h32, w32, b32, t32 = _problem(batch_shape, dtype=torch.float32, seed=9)
+    a = _fused(h32, w32, b32, t32, **settings)[1][1]
+    b = _fused(h32, w32, b32, t32, fp32_weight_grad=True, **settings)[1][1]
+    assert torch.equal(a, b)
 
 
 def test_one_chunk_is_bitwise_the_materialised_path():
@@ -285,14 +313,22 @@ def test_opcheck():
     noise = torch.randn(hidden.shape, generator=_generator(19)) * 0.05
     teacher = LinearTeacher(hidden + noise, weight.clone())
     row_weight = mask.float() / mask.sum()
-    for teacher_args, payload in (
-        ((None, teacher.hidden, teacher.weight, None), []),
-        ((_teacher_logits(teacher), None, None, None), []),
+    for teacher_inputs, fp32_weight_grad in (
+        (dict(teacher_hidden=teacher.hidden, teacher_weight=teacher.weight), False),
+        (dict(teacher_logits=_teacher_logits(teacher)), True),
     ):
-        args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, *teacher_args,
-                payload, None, ids, mask, row_weight, VOCAB, 6, "student_topk", "pg", 1.0, 5,
-                True)  # fmt: skip
-        torch.library.opcheck(torch.ops.opd_fast.linear_opd_forward.default, args)
+        no_teacher = dict(
+            teacher_logits=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+            payload=[], teacher_sampled_log_probs=None,
+        )  # fmt: skip
+        inputs = {**no_teacher, **teacher_inputs}
+        args = LinearOpInputs(
+            student_hidden=hidden.requires_grad_(True), student_weight=weight.requires_grad_(True),
+            student_bias=bias, **inputs, sampled_ids=ids, row_valid=mask, row_weight=row_weight,
+            vocab=VOCAB, k=6, variant="student_topk", estimator="pg", temperature=1.0,
+            chunk_tokens=5, compute_grad=True, fp32_weight_grad=fp32_weight_grad,
+        )  # fmt: skip
+        torch.library.opcheck(torch.ops.opd_fast.linear_opd_forward.default, tuple(args))
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "none"])

@@ -490,3 +490,41 @@ def test_payload_teacher_on_both_loss_paths(tmp_path, tiny, estimator):
         torch.testing.assert_close(fused[0].metrics[name], value, rtol=1e-5, atol=1e-6)
     for name, grad in logits[1].items():
         torch.testing.assert_close(fused[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_path", ["fused_linear", "logits"])
+def test_activation_checkpointing_gives_the_same_step(tmp_path, tiny, loss_path):
+    """activation_checkpointing recomputes each layer in the backward: the same loss, metrics,
+    gradient norm and updated weights (on a fixed batch), on both loss paths."""
+    run = {**tiny, **TINY_RUN, "loss_path": loss_path, "eval_every": 0, "checkpoint_every": 0}
+    plain = Trainer(make_config(dict(run, run_dir=str(tmp_path / "plain"))))
+    rollouts = sample_rollouts(plain.parts)
+    expected = plain.train_step(rollouts)
+    checkpointed = Trainer(
+        make_config(dict(run, run_dir=str(tmp_path / "ac"), activation_checkpointing=True))
+    )
+    student = checkpointed.parts.student
+    assert getattr(student, "is_activation_checkpointing", None) or (
+        student.is_gradient_checkpointing
+    )
+    record = checkpointed.train_step(rollouts)
+    for name in ("loss", "overlap_ratio", "entropy_student", "grad_norm"):
+        assert record[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7), name
+    for (name, got), want in zip(
+        checkpointed.parts.student.state_dict().items(), plain.parts.student.state_dict().values()
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_on_a_model_without_it_is_named(tmp_path, tiny):
+    """A student whose architecture cannot checkpoint its layers is refused, naming why,
+    before any weight loads."""
+    student = tmp_path / "t5"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    config = make_config(
+        dict(**{**tiny, "student": str(student)}, **TINY_RUN, run_dir=str(tmp_path / "run"),
+             activation_checkpointing=True)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="activation_checkpointing is not possible: .*T5"):
+        Trainer(config)

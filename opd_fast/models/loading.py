@@ -75,6 +75,42 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def checkpoint_bytes(path: str) -> int:
+    """The bytes of a model folder's weight files (safetensors, else PyTorch .bin): what its
+    parameters take in the dtype they were saved in, known before loading them."""
+    names = os.listdir(path) if os.path.isdir(path) else []
+    weights = [n for n in names if n.endswith(".safetensors")] or [
+        n for n in names if n.endswith(".bin")
+    ]
+    return sum(os.path.getsize(os.path.join(path, name)) for name in weights)
+
+
+def activation_checkpointing_reason(path: str) -> str | None:
+    """Why the model at `path` cannot checkpoint its layers' activations (None: it can), from
+    its config alone, before any weight loads."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return f"transformers has no causal LM for {type(config).__name__}"
+    if not getattr(model_class, "supports_gradient_checkpointing", False):
+        return f"transformers' {model_class.__name__} does not support gradient checkpointing"
+    return None
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant checkpoints,
+    which compose with FSDP2 and the fused loss), instead of keeping them."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def load_model(path: str, placement: Placement, trainable: bool):
     """A causal LM from a local directory (never a hub download); frozen unless trainable."""
     from transformers import AutoModelForCausalLM

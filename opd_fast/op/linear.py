@@ -134,6 +134,8 @@ class LinearOpInputs(NamedTuple):
     int64) with teacher_sampled_log_probs (N,).
     sampled_ids (N,) int64; row_valid (N,) bool; row_weight (N,) accumulation dtype: d loss /
     d loss_rows (zero where not valid), None for reduction='none'.
+    fp32_weight_grad: sum a low-precision weight gradient over the chunks in fp32 and round
+    it once (else it is summed in place, in the weight's dtype).
     """
 
     student_hidden: torch.Tensor
@@ -155,6 +157,7 @@ class LinearOpInputs(NamedTuple):
     temperature: float
     chunk_tokens: int
     compute_grad: bool
+    fp32_weight_grad: bool
 
 
 class LinearOpOutputs(NamedTuple):
@@ -216,9 +219,11 @@ def _chunked_pass(args: LinearOpInputs) -> LinearOpOutputs:
     chunk_tokens = args.chunk_tokens
     if compute_grad:
         grad_hidden = torch.empty_like(hidden_rows)
-        # A low-precision weight gradient summed over several chunks is summed in fp32 (one
-        # rounding at the end, as the materialised path's single GEMM has).
-        sum_dtype = dtype if rows <= chunk_tokens else acc
+        # The weight gradient is summed over the chunks in place, in the weight's dtype: no
+        # copy of it besides the one returned. Asked for, a low-precision one is summed in
+        # fp32 instead and rounded once at the end, as the materialised path's single GEMM
+        # is (V_rows x H x 4 bytes more while it exists).
+        sum_dtype = acc if args.fp32_weight_grad and rows > chunk_tokens else dtype
         grad_weight = torch.empty(student_weight.shape, dtype=sum_dtype, device=device)
         # Padded rows (no logit) get no gradient; with no tokens, no row does.
         grad_weight[vocab if rows else 0 :].zero_()
@@ -306,6 +311,7 @@ def linear_opd_forward(
     temperature: float,
     chunk_tokens: int,
     compute_grad: bool,
+    fp32_weight_grad: bool,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -494,6 +500,7 @@ def linear_opd_loss(
     reduction: str = "token_mean",
     token_weights: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
+    fp32_weight_grad: bool = False,
     return_token_metrics: bool = False,
     check_values: bool = True,
 ) -> OPDLossOutput:
@@ -510,6 +517,10 @@ def linear_opd_loss(
     token_weights: as opd_loss's; they are folded into the gradient the forward computes.
     chunk_tokens: tokens per chunk; default default_chunk_tokens(vocab, ...), which keeps the
       chunk's (chunk, vocab) tensors within CHUNK_MEMORY_BYTES.
+    fp32_weight_grad: a bf16/fp16 weight's gradient is summed over the chunks in place in its
+      own dtype (one rounding per chunk; no copy of it besides the result); True sums it in
+      fp32 and rounds once, like the materialised path's single GEMM, for V_rows x H x 4
+      bytes more memory while the pass runs. No effect on fp32/fp64 weights.
     Every other argument, and the output, as opd_fast.opd_loss. reduction='none' runs the
     chunked pass a second time in the backward (the other reductions compute the gradient in
     the forward).
@@ -563,6 +574,7 @@ def linear_opd_loss(
         temperature=float(temperature),
         chunk_tokens=chunk_tokens,
         compute_grad=compute_grad and scalar,
+        fp32_weight_grad=bool(fp32_weight_grad),
     )._replace(**_teacher_inputs(teacher, rows, vocab, acc, flat_ids is not None))
     outputs = LinearOpOutputs(*torch.ops.opd_fast.linear_opd_forward(*inputs))
     if check_values and not torch.compiler.is_compiling():

@@ -5,13 +5,23 @@ hidden states (the fused linear loss path), it answers with its final hidden sta
 output layer, a LinearTeacher, so its (B, T, V) logits never exist; otherwise (or when its
 logits are not a linear layer of its hidden states) with the logits at the scored positions,
 sliced to the shared vocabulary. Every variant, full_vocab included, is exact.
+
+A teacher sharded over the ranks with FSDP2 (teacher_sharding: shard) answers the same: its
+forwards gather each layer in turn, and its output layer is gathered once and kept (it is
+frozen), so the loss can read it after the forward has resharded the rest.
 """
 
 from __future__ import annotations
 
 import torch
 
-from opd_fast.models.output_layer import last_hidden_states, nonlinear_head_reason, output_layer
+from opd_fast.models.output_layer import (
+    has_root_call,
+    last_hidden_states,
+    nonlinear_head_reason,
+    output_layer,
+    with_root_parameters,
+)
 from opd_fast.models.vocabulary import output_rows
 from opd_fast.op.linear import LinearTeacher
 from opd_fast.op.names import VARIANTS
@@ -28,6 +38,7 @@ class LocalTeacher:
         self.vocab_size = output_rows(model)
         # Why hidden states cannot stand for the logits (None: they can).
         self.linear_head_reason = nonlinear_head_reason(model)
+        self._gathered_output_layer = None  # a sharded teacher's, gathered on first use
 
     @property
     def local_model(self) -> torch.nn.Module:
@@ -47,11 +58,11 @@ class LocalTeacher:
         """(B, L) ids -> LinearTeacher of the (B, L-1, H) hidden states at the scored positions
         and the output layer, in `dtype`."""
         chunks = [
-            last_hidden_states(self.model, *rows)[:, :-1]
+            with_root_parameters(self.model, last_hidden_states, *rows)[:, :-1]
             for rows in self._chunks(input_ids, attention_mask, position_ids)
         ]
         hidden = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        weight, bias = output_layer(self.model)
+        weight, bias = self._output_layer()
         return LinearTeacher(
             hidden.to(dtype),
             weight.detach().to(dtype),
@@ -68,6 +79,20 @@ class LocalTeacher:
             for ids, attention, positions in self._chunks(input_ids, attention_mask, position_ids)
         ]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _output_layer(self):
+        """(weight, bias) of the output layer: the parameters themselves, or a sharded
+        teacher's gathered copy (kept: the teacher is frozen)."""
+        if not has_root_call(self.model):
+            return output_layer(self.model)
+        if self._gathered_output_layer is None:
+            self._gathered_output_layer = with_root_parameters(
+                self.model,
+                lambda model: tuple(
+                    None if t is None else t.detach().clone() for t in output_layer(model)
+                ),
+            )
+        return self._gathered_output_layer
 
     def _chunks(self, *tensors):
         """The (B, ...) tensors' rows, batch_size sequences at a time."""

@@ -17,7 +17,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from opd_fast.models.loading import Placement
+from opd_fast.models.loading import (
+    Placement,
+    activation_checkpointing_reason,
+    checkpoint_bytes,
+    enable_activation_checkpointing,
+)
 from opd_fast.op.loss import opd_loss
 from opd_fast.teachers.base import Teacher
 from opd_fast.teachers.factory import TeacherSpec
@@ -136,6 +141,15 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
     placement = Placement.resolve(
         dist.device_name(config.device), config.dtype, config.attn_implementation
     )
+    if config.activation_checkpointing:
+        reason = activation_checkpointing_reason(paths["student"])
+        if reason is not None:
+            raise ValueError(f"config: activation_checkpointing is not possible: {reason}")
+    teacher_sharding = "replicate"
+    if teacher is None and spec.url is None:
+        teacher_sharding = dist.teacher_sharding(
+            config.teacher_sharding, checkpoint_bytes(paths["teacher"]), placement.device
+        )
     # Data first: a bad row is reported before minutes of model loading.
     train_examples = load_examples(paths["train_data"])
     eval_examples = load_examples(paths["eval_data"])
@@ -149,7 +163,15 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
         variant=config.variant,
         k=config.k,
         built_teacher=teacher,
+        # A teacher to shard loads into host memory; FSDP moves each rank's shard to its device.
+        teacher_placement=replace(placement, device=torch.device("cpu"))
+        if teacher_sharding == "shard"
+        else None,
     )
+    if teacher_sharding == "shard":
+        dist.shard_frozen(pair.teacher.local_model)
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(pair.student)
     pair.student = dist.shard(pair.student, placement.dtype, config.fsdp_cpu_offload)
     loss = LossSettings(
         k=config.k,

@@ -84,6 +84,7 @@ _CHOICES = {
     "lr_schedule": ("constant", "cosine", "linear"),
     "rollout_engine": ENGINE_NAMES,
     "loss_path": ("fused_linear", "logits"),
+    "teacher_sharding": ("auto", "replicate", "shard"),
 }
 
 # auto | cpu | cuda | cuda:N (whether that device exists is checked when models are placed).
@@ -159,8 +160,16 @@ class TrainConfig:
     progress: bool = True
     loggers: str = ""  # besides metrics.jsonl: "tensorboard", "wandb" (comma-separated)
 
-    # Multi-rank runs on GPUs (torchrun): FSDP2 keeps the student's sharded state in CPU memory.
+    # Multi-rank runs (torchrun). fsdp_cpu_offload: FSDP2 keeps the student's sharded state in
+    # CPU memory (GPU ranks). teacher_sharding: an in-process teacher replicated on every rank,
+    # or sharded over the ranks with FSDP2 for its forwards (auto: sharded when a copy would
+    # take over a quarter of a rank's memory).
     fsdp_cpu_offload: bool = False
+    teacher_sharding: str = "auto"
+
+    # Memory: recompute each decoder layer's activations in the backward instead of keeping
+    # them (the same loss and gradients).
+    activation_checkpointing: bool = False
 
     def validate(self, world_size: int | None = None) -> TrainConfig:
         """Raise ValueError naming the first bad value (its type, range, or the file it
@@ -274,7 +283,17 @@ def _check_ranks(config: TrainConfig, world_size: int) -> None:
             f"config: prompts_per_step ({config.prompts_per_step}) must be a multiple of the "
             f"number of ranks ({world_size})"
         )
+    if config.teacher_sharding == "shard" and config.teacher_url:
+        raise ValueError(
+            "config: teacher_sharding: shard applies to an in-process teacher; this one is a "
+            "server (teacher_url)"
+        )
     if world_size == 1:
+        if config.teacher_sharding == "shard":
+            raise ValueError(
+                "config: teacher_sharding: shard needs several ranks (torchrun, or "
+                "--nproc-per-node); one process holds the whole teacher"
+            )
         return
     if config.cold_start_steps:
         raise ValueError("config: cold_start_steps is not supported in a multi-rank run yet")

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from opd_fast.models.output_layer import register_root_call
 from opd_fast.op.names import TOKEN_METRIC_NAMES
 
 TIMEOUT_ENV = "OPD_FAST_DIST_TIMEOUT_S"
@@ -74,6 +75,11 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def local_world_size(self) -> int:
+        """The ranks on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
 
     def device_name(self, device: str) -> str:
         """The config's device for this rank: each rank of a GPU job takes cuda:LOCAL_RANK."""
@@ -242,6 +248,43 @@ class Distributed:
         register_root_call(model)
         return model
 
+    def shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 for a frozen model used for forwards only (the teacher): every decoder layer
+        and the root sharded over the ranks, gathered for each forward and resharded right
+        after it, no gradients and no optimizer state. Its forwards are collectives: every
+        rank must run as many. No-op in a single process."""
+        if not self.active:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        layers = decoder_layers(model)
+        if not layers:
+            raise ValueError(
+                f"cannot shard the teacher {type(model).__name__}: no decoder layers found"
+            )
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True)
+        register_root_call(model)
+        return model
+
+    def teacher_sharding(self, wanted: str, teacher_bytes: int, device: torch.device) -> str:
+        """ "shard" or "replicate" for the config's teacher_sharding; auto shards (and says so)
+        when one copy of the teacher would take more than a quarter of a rank's memory."""
+        if wanted != "auto":
+            return wanted
+        if not self.active:
+            return "replicate"
+        memory = rank_memory_bytes(device, self.local_world_size)
+        choice = "shard" if teacher_bytes > memory / 4 else "replicate"
+        if self.is_main:
+            print(
+                f"teacher_sharding=auto: {choice} (the teacher's weights take "
+                f"{teacher_bytes / 2**30:.2f} GiB, a rank has {memory / 2**30:.1f} GiB)",
+                flush=True,
+            )
+        return choice
+
     def backward(self, scaled_loss: torch.Tensor) -> None:
         """Backward of a loss already divided by the GLOBAL token (or sequence) count. FSDP
         averages gradients over ranks; scaling by the world size makes that average the sum,
@@ -256,6 +299,13 @@ class Distributed:
             shutdown()
 
 
+def rank_memory_bytes(device: torch.device, local_ranks: int) -> int:
+    """The memory one rank may use: its GPU's, or this machine's RAM shared by its ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
+
+
 def shutdown() -> None:
     """Every rank waits for the others, then the process group is destroyed: a rank that tore
     gloo down while a peer was still finishing its last collective could abort at exit."""
@@ -264,37 +314,6 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-# A method of an FSDP2 root that runs a function inside the root's forward hooks.
-ROOT_CALL = "opd_fast_root_call"
-
-
-def _root_call(self, fn: Callable, *args, **kwargs):
-    return fn(self, *args, **kwargs)
-
-
-def register_root_call(model: torch.nn.Module) -> None:
-    """Give an FSDP2-sharded model a forward method that runs any function of the model
-    (with_root_parameters): FSDP gathers the root's own parameters (the embeddings, the final
-    norm, the output layer) for it, as for forward(), and reduce-scatters their gradients in
-    the backward like any other."""
-    import types
-
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    setattr(model, ROOT_CALL, types.MethodType(_root_call, model))
-    register_fsdp_forward_method(model, ROOT_CALL)
-
-
-def with_root_parameters(model: torch.nn.Module, fn: Callable, *args, **kwargs):
-    """fn(model, *args, **kwargs) where the model's own parameters are whole: through the
-    registered root call under FSDP2, directly otherwise. What the fused linear loss path
-    runs the decoder, the output layer and the loss in, since it does not call forward()."""
-    call = getattr(model, ROOT_CALL, None)
-    if call is None:
-        return fn(model, *args, **kwargs)
-    return call(fn, *args, **kwargs)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

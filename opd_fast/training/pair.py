@@ -34,15 +34,17 @@ class Pair:
         k: int | None = None,
         progress: bool = True,
         built_teacher: Teacher | None = None,
+        teacher_placement: Placement | None = None,
     ) -> Pair:
         """This student with the teacher `teacher` names (or `built_teacher`: a custom one,
         or one a test made). variant: refuse a teacher that cannot score it exactly; k: refuse
-        a k larger than the shared vocabulary, here, before any rollout."""
+        a k larger than the shared vocabulary, here, before any rollout. teacher_placement:
+        where an in-process teacher loads (default: the student's placement)."""
         if built_teacher is None:
             path = resolve_toy({"teacher": teacher.path}, progress=progress)["teacher"]
             built_teacher = build_teacher(
                 dataclasses.replace(teacher, path=path),
-                placement=self.placement,
+                placement=teacher_placement or self.placement,
                 tokenizer=self.tokenizer,
                 student_rows=output_rows(self.student),
                 variant=variant,

@@ -23,13 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_fast.models.output_layer import last_hidden_states, nonlinear_head_reason, output_layer
+from opd_fast.models.output_layer import (
+    last_hidden_states,
+    nonlinear_head_reason,
+    output_layer,
+    with_root_parameters,
+)
 from opd_fast.op.kernels import row_topk
 from opd_fast.op.linear import linear_opd_loss, linear_topk_ids
 from opd_fast.op.loss import NonFiniteLogitsError, OPDLossOutput, opd_loss
 from opd_fast.op.reductions import SplitReduction
 from opd_fast.teachers.base import HIDDEN_STATES, LOGITS, ScoreRequest, Teacher
-from opd_fast.training.distributed import with_root_parameters
 from opd_fast.training.metrics import PositionProfile, StepMetrics
 from opd_fast.training.off_policy import (
     OffPolicyGap,
