@@ -65,9 +65,16 @@ def main() -> None:
     if args.mode == "step":
         batch, examples = torch.load(args.batch, weights_only=False)
         record = trainer.train_step(share_of(batch, examples, dist.rank, dist.world_size))
-        parameters = full_parameters(trainer.parts.student)
+        student = trainer.parts.student
+        parameters = full_parameters(student)
+        gradients = {  # the step's gradients, still in .grad (a collective: every rank)
+            name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+            for name, p in student.named_parameters()
+        }
         if dist.is_main:
-            torch.save({"parameters": parameters, "record": record}, args.out)
+            torch.save(
+                {"parameters": parameters, "gradients": gradients, "record": record}, args.out
+            )
         dist.close()
         return
     if args.mode == "teacher":

@@ -23,7 +23,7 @@ of them before the op is called.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -83,19 +83,21 @@ def _logits(hidden, weight, bias, vocab):
     return torch.addmm(bias[:vocab], hidden, weight[:vocab].t())
 
 
-def logit_chunks(
+def for_logit_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     vocab: int,
     chunk_tokens: int,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(start, end, logits (end - start, vocab)) of hidden (N, H) @ weight[:vocab].T (+ bias),
-    a chunk of rows at a time, without a gradient."""
+    fn: Callable[[int, int, torch.Tensor], None],
+) -> None:
+    """fn(start, end, logits) for the logits (end - start, vocab) of hidden (N, H) @
+    weight[:vocab].T (+ bias), a chunk of rows at a time, without a gradient; each chunk's
+    logits are freed before the next one is formed."""
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, hidden.shape[0])
-            yield start, end, _logits(hidden[start:end], weight, bias, vocab)
+            fn(start, end, _logits(hidden[start:end], weight, bias, vocab))
 
 
 def linear_topk_ids(
@@ -114,8 +116,11 @@ def linear_topk_ids(
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(vocab, hidden.dtype, linear_teacher=False)
     ids = torch.empty((rows.shape[0], k), dtype=torch.int64, device=hidden.device)
-    for start, end, logits in logit_chunks(rows, weight, bias, vocab, chunk_tokens):
+
+    def top(start, end, logits):
         ids[start:end] = kernels.row_topk(logits, k).ids
+
+    for_logit_chunks(rows, weight, bias, vocab, chunk_tokens, top)
     return ids.reshape(*hidden.shape[:-1], k)
 
 

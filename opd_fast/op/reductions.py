@@ -127,8 +127,11 @@ def per_token_metrics(
 @dataclass(frozen=True)
 class SplitReduction:
     """A reduction of one batch computed in parts (micro-batches, and ranks): each part's loss
-    is reduced with `part_reduction`, then `scale` makes the parts add up to the reduction of
-    the whole batch. tokens, sequences: the whole batch's valid tokens and sequences."""
+    is reduced with `part_reduction` (a sum over its tokens), then `scale` makes the parts add
+    up to the reduction of the whole batch. Both reductions are a sum over tokens divided by
+    a count of the whole batch (its valid tokens, or its sequences), so the parts may group
+    tokens any way: by sequences, by length, or several sequences packed in a row.
+    tokens, sequences: the whole batch's valid tokens and sequences."""
 
     reduction: str  # token_mean | seq_mean_token_sum
     tokens: int
@@ -140,12 +143,10 @@ class SplitReduction:
                 f"a split reduction is token_mean or seq_mean_token_sum, got {self.reduction!r}"
             )
 
-    @property
-    def part_reduction(self) -> str:
-        return "sum" if self.reduction == "token_mean" else "seq_mean_token_sum"
+    part_reduction = "sum"
 
-    def scale(self, part_loss: torch.Tensor, part_sequences: int) -> torch.Tensor:
+    def scale(self, part_loss: torch.Tensor) -> torch.Tensor:
         """A part's loss (reduced by part_reduction) as its share of the whole batch's."""
         if self.reduction == "token_mean":
             return part_loss / max(self.tokens, 1)
-        return part_loss * (part_sequences / self.sequences)
+        return part_loss / max(self.sequences, 1)

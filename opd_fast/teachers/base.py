@@ -49,6 +49,9 @@ class ScoreRequest:
       payload teacher always with a payload: the loss takes all three).
     student_topk_ids: (B, L-1, k) int64, the student's top-k ids (ties -> lower id) at every
       position; given to the teachers that need them (needs_student_topk), else None.
+    segment_ids: (B, L) for rows packing several sequences (1, 2, ... per sequence, 0 on
+      padding; position ids restart with each), else None: an in-process teacher attends
+      within each (opd_fast.models.batch.packed_attention).
     """
 
     input_ids: torch.Tensor
@@ -61,6 +64,7 @@ class ScoreRequest:
     dtype: torch.dtype
     answer_form: str = LOGITS
     student_topk_ids: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.answer_form not in ANSWER_FORMS:
@@ -92,6 +96,11 @@ class PayloadScoring:
     unknown = 0.0  # what an unanswered log-prob or entropy reads (NaN: cannot tell)
 
     def score(self, request: ScoreRequest) -> TeacherPayload:
+        if request.segment_ids is not None:
+            raise ValueError(
+                f"{type(self).__name__} scores one sequence per row; packed rows "
+                "(pack_sequences) need an in-process teacher"
+            )
         if request.student_topk_ids is None:
             raise ValueError(
                 f"{type(self).__name__} answers with a payload for the student's top-k ids: "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from opd_fast.models.batch import packed_attention
 from opd_fast.models.output_layer import (
     has_root_call,
     last_hidden_states,
@@ -46,20 +47,23 @@ class LocalTeacher:
 
     def score(self, request: ScoreRequest) -> torch.Tensor | LinearTeacher:
         """Position t predicts token t + 1: (B, L-1, ...) rows in request.dtype."""
+        rows = (request.input_ids, request.attention_mask, request.position_ids)
         if request.answer_form == HIDDEN_STATES and self.linear_head_reason is None:
-            return self.linear_teacher(
-                request.input_ids, request.attention_mask, request.position_ids, request.dtype
-            )
-        logits = self.logits(request.input_ids, request.attention_mask, request.position_ids)
+            return self.linear_teacher(*rows, request.dtype, request.segment_ids)
+        logits = self.logits(*rows, request.segment_ids)
         return logits[:, :-1, : request.vocab].to(request.dtype)
 
     @torch.no_grad()
-    def linear_teacher(self, input_ids, attention_mask, position_ids, dtype) -> LinearTeacher:
+    def linear_teacher(
+        self, input_ids, attention_mask, position_ids, dtype, segment_ids=None
+    ) -> LinearTeacher:
         """(B, L) ids -> LinearTeacher of the (B, L-1, H) hidden states at the scored positions
-        and the output layer, in `dtype`."""
+        and the output layer, in `dtype`. segment_ids: rows packing several sequences."""
         chunks = [
-            with_root_parameters(self.model, last_hidden_states, *rows)[:, :-1]
-            for rows in self._chunks(input_ids, attention_mask, position_ids)
+            with_root_parameters(self.model, last_hidden_states, ids, attention, positions)[:, :-1]
+            for ids, attention, positions in self._chunks(
+                input_ids, attention_mask, position_ids, segment_ids
+            )
         ]
         hidden = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         weight, bias = self._output_layer()
@@ -70,13 +74,16 @@ class LocalTeacher:
         )
 
     @torch.no_grad()
-    def logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        """(B, L) ids -> (B, L, V) logits, no gradient."""
+    def logits(self, input_ids, attention_mask, position_ids, segment_ids=None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, V) logits, no gradient. segment_ids: rows packing several
+        sequences."""
         chunks = [
             self.model(
                 input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False
             ).logits
-            for ids, attention, positions in self._chunks(input_ids, attention_mask, position_ids)
+            for ids, attention, positions in self._chunks(
+                input_ids, attention_mask, position_ids, segment_ids
+            )
         ]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
@@ -94,7 +101,11 @@ class LocalTeacher:
             )
         return self._gathered_output_layer
 
-    def _chunks(self, *tensors):
-        """The (B, ...) tensors' rows, batch_size sequences at a time."""
-        for start in range(0, tensors[0].shape[0], self.batch_size):
-            yield tuple(tensor[start : start + self.batch_size] for tensor in tensors)
+    def _chunks(self, input_ids, attention_mask, position_ids, segment_ids):
+        """(ids, what the model takes as attention_mask, position ids), batch_size rows at a
+        time."""
+        for start in range(0, input_ids.shape[0], self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            segments = None if segment_ids is None else segment_ids[rows]
+            attention = packed_attention(self.model, attention_mask[rows], segments)
+            yield input_ids[rows], attention, position_ids[rows]

@@ -51,6 +51,7 @@ _BOUNDS = (
             "checkpoint_every",
             "warmup_steps",
             "eval_max_prompts",
+            "micro_batch_tokens",
             "cold_start_steps",
             "rollout_is_cap",
         ),
@@ -141,6 +142,11 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine | linear
     warmup_steps: int = 0
     micro_batch_size: int = 8  # sequences per student forward/backward (gradient accumulation)
+    # > 0: micro-batches by tokens instead: sequences grouped by length, each micro-batch's
+    # padded size (sequences x longest) at most this many tokens; with pack_sequences, one row
+    # of several sequences (each attending only to itself) of at most this many tokens.
+    micro_batch_tokens: int = 0
+    pack_sequences: bool = False
     teacher_batch_size: int = 8  # sequences per teacher forward (bounds its memory)
 
     # Off-policy cold start before OPD (0 steps = off): SFT on filtered teacher responses.
@@ -213,6 +219,7 @@ class TrainConfig:
             )
         _check_template(self.prompt_template)
         parse_loggers(self.loggers)
+        _check_packing(self)
         _check_ranks(self, env_world_size() if world_size is None else world_size)
         _check_paths(self)
         return self
@@ -274,6 +281,20 @@ def _check_template(template: str) -> None:
         ) from None
     if "{prompt}" not in template:
         raise ValueError(f"config: prompt_template never uses {{prompt}}: {template!r}")
+
+
+def _check_packing(config: TrainConfig) -> None:
+    if not config.pack_sequences:
+        return
+    if not config.micro_batch_tokens:
+        raise ValueError(
+            "config: pack_sequences needs micro_batch_tokens (the length of a packed row)"
+        )
+    if config.teacher_url:
+        raise ValueError(
+            "config: pack_sequences needs an in-process teacher: a teacher server scores one "
+            "sequence per row (use micro_batch_tokens without packing)"
+        )
 
 
 def _check_ranks(config: TrainConfig, world_size: int) -> None:

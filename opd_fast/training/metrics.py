@@ -59,10 +59,21 @@ class PositionProfile:
         # metric the teacher cannot provide, e.g. entropy_teacher from an OpenAI engine)
         self.counts: dict[str, torch.Tensor] = {}
 
-    def add(self, token_metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+    def add(
+        self,
+        token_metrics: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+    ) -> None:
+        """mask (B, T): the response positions; offsets (B, T): each one's distance from its
+        response's start (default: from the row's first response position, one response per
+        row)."""
         mask = mask.detach().cpu()
-        starts = mask.float().argmax(dim=1, keepdim=True)
-        offsets = torch.arange(mask.shape[1]).unsqueeze(0) - starts
+        if offsets is None:
+            starts = mask.float().argmax(dim=1, keepdim=True)
+            offsets = torch.arange(mask.shape[1]).unsqueeze(0) - starts
+        else:
+            offsets = offsets.detach().cpu()
         chunk = (offsets.clamp_min(0) * self.chunks // self.span).clamp_max(self.chunks - 1)
         chunk = torch.where(mask, chunk, torch.full_like(chunk, self.chunks))  # drop others
         for name, values in token_metrics.items():

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from opd_fast.op.linear import logit_chunks
+from opd_fast.op.kernels import row_topk
+from opd_fast.op.linear import for_logit_chunks
 
 
 def sampled_log_probs(
@@ -23,12 +24,14 @@ def sampled_log_probs(
 ) -> torch.Tensor:
     """log_softmax(logits / temperature) at sampled_ids, in fp32, without a gradient.
 
-    logits: (B, T, V); sampled_ids: (B, T) ids < V. Returns (B, T) float32.
+    logits: (B, T, V) (any row stride: the trainer's are a view past padded columns);
+    sampled_ids: (B, T) ids < V. Returns (B, T) float32. The log-partition comes from the
+    fused row_topk pass, one sequence at a time: no (B, T, V) temporary.
     """
     with torch.no_grad():
-        scaled = logits.float() / temperature
-        picked = scaled.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(scaled, dim=-1)
+        lse = torch.stack([row_topk(rows, 1, temperature).lse for rows in logits.unbind(0)])
+        picked = logits.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1).float()
+        return picked / temperature - lse.float()
 
 
 def sampled_log_probs_from_hidden(
@@ -46,10 +49,13 @@ def sampled_log_probs_from_hidden(
     hidden: (B, T, H); sampled_ids: (B, T). Returns (B, T) float32.
     """
     rows, ids = hidden.reshape(-1, hidden.shape[-1]), sampled_ids.reshape(-1)
-    chunk = max(1, chunk_bytes // (vocab * 4 * 2))  # the fp32 logits and their scaled copy
+    chunk = max(1, chunk_bytes // (vocab * hidden.element_size()))  # the chunk's logits
     out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
-    for start, end, logits in logit_chunks(rows, weight, bias, vocab, chunk):
-        out[start:end] = sampled_log_probs(logits, ids[start:end], temperature)
+
+    def log_probs(start, end, logits):
+        out[start:end] = sampled_log_probs(logits[None], ids[None, start:end], temperature)[0]
+
+    for_logit_chunks(rows, weight, bias, vocab, chunk, log_probs)
     return out.reshape(sampled_ids.shape)
 
 

@@ -5,6 +5,7 @@ see exactly the positions generation saw; and which tokens are the response.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ class RolloutBatch:
     # sampled from (temperature, top-p and the vocabulary limit applied); 0 elsewhere. None
     # when the sampler does not report them.
     engine_log_probs: torch.Tensor | None = None
+    # (B, L) 1, 2, ... for the sequences packed in a row, 0 on padding: only in the packed
+    # micro-batches scoring forms (`packed`); None, one sequence per row, everywhere else.
+    segment_ids: torch.Tensor | None = None
 
     @property
     def num_response_tokens(self) -> int:
@@ -36,6 +40,98 @@ class RolloutBatch:
         prompt = total - int(self.response_mask[row].sum())
         ids = self.input_ids[row, :total].tolist()
         return ids[:prompt], ids[prompt:]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Real tokens of each row."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions a forward over this batch computes (rows x length, padding too)."""
+        return self.input_ids.shape[0] * self.input_ids.shape[1]
+
+    def take(self, rows: list[int]) -> RolloutBatch:
+        """Sequences `rows` (in that order), trimmed to their longest real length."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        length = int(self.attention_mask[index].sum(dim=1).max())
+
+        def pick(tensor):
+            return None if tensor is None else tensor[index, :length]
+
+        return RolloutBatch(
+            input_ids=pick(self.input_ids),
+            attention_mask=pick(self.attention_mask),
+            response_mask=pick(self.response_mask),
+            position_ids=pick(self.position_ids),
+            example_index=[self.example_index[r] for r in rows],
+            responses=[self.responses[r] for r in rows],
+            truncated=[self.truncated[r] for r in rows],
+            engine_log_probs=pick(self.engine_log_probs),
+        )
+
+    def packed(self, rows: list[list[int]]) -> RolloutBatch:
+        """Several sequences per row: row i holds the real tokens of sequences rows[i], one
+        after another, each with its own position ids (restarting at 0) and segment id, and
+        is right-padded to the longest row. The per-sequence lists (example_index, responses,
+        truncated) keep one entry per sequence, in packing order. A row's first token is a
+        prompt token, so the position before it never reads across sequences."""
+        device = self.input_ids.device
+        count, length = len(rows), max(sum(self.lengths[s] for s in row) for row in rows)
+        shape = (count, length)
+        input_ids = torch.zeros(shape, dtype=torch.long, device=device)  # any id: unattended
+        attention = torch.zeros(shape, dtype=torch.long, device=device)
+        response = torch.zeros(shape, dtype=torch.bool, device=device)
+        positions = torch.zeros(shape, dtype=torch.long, device=device)
+        segments = torch.zeros(shape, dtype=torch.long, device=device)
+        engine = None if self.engine_log_probs is None else torch.zeros(shape, device=device)
+        order = []
+        for row, members in enumerate(rows):
+            offset = 0
+            for segment, sequence in enumerate(members, start=1):
+                real = self.lengths[sequence]
+                span = slice(offset, offset + real)
+                input_ids[row, span] = self.input_ids[sequence, :real]
+                attention[row, span] = 1
+                response[row, span] = self.response_mask[sequence, :real]
+                positions[row, span] = torch.arange(real, device=device)
+                segments[row, span] = segment
+                if engine is not None:
+                    engine[row, span] = self.engine_log_probs[sequence, :real]
+                offset += real
+                order.append(sequence)
+        return RolloutBatch(
+            input_ids=input_ids,
+            attention_mask=attention,
+            response_mask=response,
+            position_ids=positions,
+            example_index=[self.example_index[s] for s in order],
+            responses=[self.responses[s] for s in order],
+            truncated=[self.truncated[s] for s in order],
+            engine_log_probs=engine,
+            segment_ids=segments,
+        )
+
+    def without_responses(self) -> RolloutBatch:
+        """The same rows with nothing to score: a micro-batch that only keeps the ranks'
+        forwards and backwards in step (FSDP's collectives), adding nothing to the loss."""
+        return dataclasses.replace(self, response_mask=torch.zeros_like(self.response_mask))
+
+    def response_offsets(self) -> torch.Tensor:
+        """(B, L-1): for each position whose next token is a response token, how far it is
+        from the first such position of its sequence (0 elsewhere)."""
+        mask = self.response_mask[:, 1:]
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        if self.segment_ids is None:
+            return positions - mask.float().argmax(dim=1, keepdim=True)
+        segments = self.segment_ids[:, 1:]
+        first = torch.full(
+            (mask.shape[0], int(self.segment_ids.max()) + 1), mask.shape[1], device=mask.device
+        )
+        first = first.scatter_reduce(
+            1, segments, torch.where(mask, positions, mask.shape[1]), reduce="amin"
+        )
+        return torch.where(mask, positions - first.gather(1, segments), 0)
 
     def select(self, start: int, end: int) -> RolloutBatch:
         """Sequences [start, end), trimmed to their longest real length."""

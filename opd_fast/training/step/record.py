@@ -26,13 +26,15 @@ def record_step(
     batch, examples = rollouts
     rewards = [is_correct(r, e.answer) for r, e in zip(batch.responses, examples)]
     dist.reduce_step_metrics(scored.metrics, scored.profile)
-    loss, rewards, tokens, truncated, sequences = dist.sum(
+    loss, rewards, tokens, truncated, sequences, computed, real = dist.sum(
         [
             scored.loss,
             sum(rewards),
             batch.num_response_tokens,
             sum(batch.truncated),
             batch.input_ids.shape[0],
+            scored.computed_tokens,
+            int(batch.attention_mask.sum()),
         ]
     )
     seconds = dist.max(timer.seconds)
@@ -55,14 +57,19 @@ def record_step(
         step_seconds=seconds["rollout"] + seconds["score"] + seconds["update"] + seconds["sync"],
         # The step's own peaks: its rollouts', and its scoring + update's (the loss path's);
         # over ranks, the largest.
+        # train_start_memory_mib: what was resident when scoring began (the models, the
+        # optimizer state, the rollouts), so the peak above it is what scoring + update added.
         **dist.max(
             {
                 "rollout_peak_memory_mib": rollout_peak_mib,
+                "train_start_memory_mib": run.memory.started_mib,
                 "train_peak_memory_mib": run.memory.peak_mib(),
                 "peak_memory_mib": run.memory.overall_mib,
             }
         ),
         loss_path=run.loss_path,
+        # Scoring's padding overhead: token positions its forwards computed per real token.
+        computed_tokens_per_real_token=computed / max(real, 1),
     )
     record.update({f"{name}_seconds": value for name, value in seconds.items() if name != "sync"})
     run.log.write(record)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_fast.models.batch import packed_attention
 from opd_fast.models.output_layer import (
     last_hidden_states,
     nonlinear_head_reason,
@@ -42,6 +43,7 @@ from opd_fast.training.off_policy import (
     truncated_is_weights,
 )
 from opd_fast.training.rollouts.batch import RolloutBatch
+from opd_fast.training.step.micro_batches import micro_batches
 
 FUSED_LINEAR = "fused_linear"
 LOSS_PATHS = (FUSED_LINEAR, LOGITS)
@@ -106,7 +108,7 @@ class StudentLogits:
     def __init__(self, student, batch: RolloutBatch, vocab: int, loss_fn=opd_loss):
         logits = student(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            attention_mask=packed_attention(student, batch.attention_mask, batch.segment_ids),
             position_ids=batch.position_ids,
             use_cache=False,
         ).logits
@@ -117,9 +119,9 @@ class StudentLogits:
 
     @torch.no_grad()
     def topk_ids(self, k: int) -> torch.Tensor:
-        """(B, L-1, k) int64: the top-k ids (ties -> lower id) at every position."""
-        batch, length, vocab = self.rows.shape
-        return row_topk(self.rows.reshape(-1, vocab), k).ids.reshape(batch, length, k)
+        """(B, L-1, k) int64: the top-k ids (ties -> lower id) at every position, a sequence
+        at a time (the rows are a strided view: flattening them would copy the logits)."""
+        return torch.stack([row_topk(rows, k).ids for rows in self.rows.unbind(0)])
 
     def sampled_log_probs(self, sampled_ids, temperature) -> torch.Tensor:
         return sampled_log_probs(self.rows, sampled_ids, temperature)
@@ -138,11 +140,12 @@ class StudentHidden:
 
     def __init__(self, student, batch: RolloutBatch, vocab: int):
         self.student, self.vocab = student, vocab
+        attention = packed_attention(student, batch.attention_mask, batch.segment_ids)
         self.hidden = with_root_parameters(
             student,
-            lambda model: last_hidden_states(
-                model, batch.input_ids, batch.attention_mask, batch.position_ids
-            )[:, :-1],
+            lambda model: last_hidden_states(model, batch.input_ids, attention, batch.position_ids)[
+                :, :-1
+            ],
         )
         self.dtype = self.hidden.dtype
 
@@ -229,6 +232,7 @@ def score_batch(
             vocab=settings.vocab,
             dtype=student_side.dtype,
             answer_form=student_side.answer_form,
+            segment_ids=batch.segment_ids,
             student_topk_ids=student_side.topk_ids(settings.k)
             if teacher.needs_student_topk
             else None,
@@ -272,7 +276,8 @@ class ScoredStep:
     metrics: StepMetrics
     profile: PositionProfile
     gap: OffPolicyGap
-    teacher_seconds: float
+    teacher_seconds: float = 0.0
+    computed_tokens: int = 0  # token positions the micro-batches' forwards computed
 
 
 def score_and_backward(run, batch: RolloutBatch, step: int) -> ScoredStep:
@@ -287,11 +292,11 @@ def score_and_backward(run, batch: RolloutBatch, step: int) -> ScoredStep:
     tokens, total_sequences = dist.sum([int(batch.response_mask[:, 1:].sum()), sequences])
     split = SplitReduction(config.reduction, tokens, total_sequences)
     scored = ScoredStep(
-        0.0, StepMetrics(), PositionProfile(span=config.max_new_tokens), OffPolicyGap(), 0.0
+        0.0, StepMetrics(), PositionProfile(span=config.max_new_tokens), OffPolicyGap()
     )
     is_cap = config.rollout_is_cap or None
-    for start in range(0, sequences, config.micro_batch_size):
-        micro = batch.select(start, min(start + config.micro_batch_size, sequences))
+    for micro in micro_batches(batch, config, dist):
+        scored.computed_tokens += micro.computed_tokens
         try:
             part = score_batch(
                 run.student,
@@ -315,11 +320,12 @@ def score_and_backward(run, batch: RolloutBatch, step: int) -> ScoredStep:
                 part.is_weights,
                 is_cap,
             )
-        scaled = split.scale(part.output.loss, micro.input_ids.shape[0])
+        scaled = split.scale(part.output.loss)
         if not torch.isfinite(scaled):
             raise TrainingDiverged(f"loss is {float(scaled)} at step {step}")
         dist.backward(scaled)
         scored.loss += float(scaled.detach())
         scored.metrics.add(part.output.metrics)
-        scored.profile.add(part.output.token_metrics, micro.response_mask[:, 1:])
+        offsets = None if micro.segment_ids is None else micro.response_offsets()
+        scored.profile.add(part.output.token_metrics, micro.response_mask[:, 1:], offsets)
     return scored
