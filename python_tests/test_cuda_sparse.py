@@ -49,7 +49,7 @@ INF, NAN = float("inf"), float("nan")
 
 def _log_atol(dtype, logits, temperature):
     """Absolute tolerance of log-space values: fp32 accumulation with a different exp on each
-    backend (fast-math exp2 on the GPU) plus the log-space rounding floor."""
+    backend (ex2.approx in the GPU's streaming pass) plus the log-space rounding floor."""
     base = 1e-10 if dtype == torch.float64 else 2e-5
     return base + log_space_floor(logits, logits, temperature)
 

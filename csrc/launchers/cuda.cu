@@ -1,6 +1,6 @@
 // CUDA launchers of the opd_fast ops: device guard, current stream, output allocation and dtype
-// dispatch around the torch-free kernels (csrc/kernels/cuda/opd_{forward,backward,sparse}.cuh);
-// the checks are in checks.h.
+// dispatch around the torch-free kernels (csrc/kernels/cuda/opd_{forward,backward,sparse}.cuh,
+// instantiated in cuda_kernels_<dtype>.cu); the checks are in checks.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,13 +11,19 @@
 
 #include <cstdint>
 
-#include "kernels/cuda/opd_backward.cuh"
-#include "kernels/cuda/opd_forward.cuh"
-#include "kernels/cuda/opd_sparse.cuh"
+#include "launchers/cuda_instances.h"
 #include "launchers/kernel_args.h"
 #include "launchers/launchers.h"
 
 namespace opd_fast {
+namespace kernels {
+// Instantiated in cuda_kernels_<dtype>.cu, compiled in parallel with this file.
+OPD_FAST_CUDA_LAUNCHES(extern, float)
+OPD_FAST_CUDA_LAUNCHES(extern, double)
+OPD_FAST_CUDA_LAUNCHES(extern, __nv_bfloat16)
+OPD_FAST_CUDA_LAUNCHES(extern, __half)
+}  // namespace kernels
+
 namespace {
 
 constexpr int64_t kMaxRowsOrVocab = 0x7fffffff;  // grid.x and the 31-bit ids of the top-k keys

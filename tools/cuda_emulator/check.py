@@ -4,6 +4,8 @@ __syncthreads and the warp intrinsics) and compare every output with the CPU op,
 
     python tools/cuda_emulator/check.py            # all cases (a few minutes on 2 cores)
     python tools/cuda_emulator/check.py --quick    # one case per group
+    python tools/cuda_emulator/check.py --device-math   # the device-numerics cases with the
+                                                        # fast paths' documented errors
 
 Needs g++ with C++20 (<barrier>), the CUDA headers ($CUDA_HOME/include, default /usr/local/cuda)
 and an installed opd_fast (its CPU op is the reference). It checks the kernels' arithmetic,
@@ -13,6 +15,7 @@ indexing, alignment handling and barrier discipline, not their speed or the laun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import struct
@@ -25,6 +28,16 @@ import torch
 
 import opd_fast  # noqa: F401  (registers the ops)
 from opd_fast import ESTIMATORS, VARIANTS  # in the kernels' enum order
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "python_tests"))  # fmt: skip
+import numerics_cases as numerics  # noqa: E402  (the device-numerics cases and their bound)
+
+# The device arithmetic's documented errors, emulated (emu_prelude.h): each result that far
+# above the exact value, below it, or either way by a hash of the argument.
+DEVICE_MATH_MODES = ("high", "low", "hash")
+# Rows per device-math case (the GPU test runs all of them): an emulated row costs ~0.2 s.
+DEVICE_MATH_ROWS = 8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "..", "..", "csrc", "kernels")
@@ -84,11 +97,13 @@ class Reader:
         return torch.from_numpy(array.copy())
 
 
-def harness(binary: str, work: str, payload: bytes) -> Reader | None:
+def harness(binary: str, work: str, payload: bytes, math: str = "exact") -> Reader | None:
+    """Runs a harness on one case file; math: the device arithmetic (OPD_EMU_MATH)."""
     case_in, case_out = os.path.join(work, "case.bin"), os.path.join(work, "out.bin")
     with open(case_in, "wb") as handle:
         handle.write(payload)
-    result = subprocess.run([binary, case_in, case_out], capture_output=True, text=True)
+    env = {**os.environ, "OPD_EMU_MATH": math}
+    result = subprocess.run([binary, case_in, case_out], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print("  harness failed:", result.stderr[-1000:])
         return None
@@ -159,38 +174,58 @@ def take_forward_outputs(out, rows, width, np_acc) -> list:
     return got
 
 
-def forward_case(binaries, work, student, teacher, k, variant, estimator, temperature,
-                 sampled=None, valid=None, layout=(0, 0, 0, 0, 0), name=""):  # fmt: skip
-    """Forward and backward kernels vs the CPU op. layout = (s_off, s_pad, t_off, t_pad, g_off):
-    the logits sit at element offsets s_off, t_off in rows padded by s_pad, t_pad, and the
-    gradient at g_off, to vary alignment."""
+def forward_payload(student, teacher, k, variant, estimator, temperature, sampled, valid,
+                    layout, grad_loss=None, chain=False):  # fmt: skip
+    """The forward harness's case file, and the CPU op's forward outputs on the same views.
+    grad_loss: the backward's upstream gradient per row (default random, every third row 0);
+    chain: the backward runs from the emulated forward's outputs, not the CPU op's."""
     rows, vocab = student.shape
     s_off, s_pad, t_off, t_pad, g_off = layout
     s_big, s_view = padded(student, s_off, s_pad)
     t_big, t_view = padded(teacher, t_off, t_pad)
     forward = ops.opd_forward(s_view, t_view, sampled, valid, k, variant, estimator, temperature)
     _, _, _, _, grad_scale, sparse_id, sparse_coef, student_max, student_log_norm = forward
-    acc, np_acc, tol = acc_types(student.dtype)
-    grad_loss = torch.randn(rows, dtype=acc)
-    grad_loss[::3] = 0
+    acc, _, _ = acc_types(student.dtype)
+    if grad_loss is None:
+        grad_loss = torch.randn(rows, dtype=acc)
+        grad_loss[::3] = 0
     full = variant == "full_vocab"
-    grad_want = ops.opd_backward(grad_loss, s_view, t_view, student_max, student_log_norm,
-                                 grad_scale, sparse_id, sparse_coef, temperature, full)  # fmt: skip
-    width = 2 * k
     header = case_header(student, k, variant, estimator, sampled, valid)
-    header += [s_off, vocab + s_pad, t_off, vocab + t_pad, s_big.numel(), t_big.numel(), width]
-    header += [int(full), g_off]
-    payload = struct.pack("<17q", *header) + struct.pack("<d", temperature)
+    header += [s_off, vocab + s_pad, t_off, vocab + t_pad, s_big.numel(), t_big.numel(), 2 * k]
+    header += [int(full), g_off, int(chain)]
+    payload = struct.pack("<18q", *header) + struct.pack("<d", temperature)
     payload += raw(s_big) + raw(t_big)
     payload += row_bytes(sampled, rows, torch.long) + row_bytes(valid, rows, torch.bool)
     for tensor in (grad_loss, student_max, student_log_norm, grad_scale, sparse_id, sparse_coef):
         payload += tensor.numpy().tobytes()
+    return payload, forward, (s_view, t_view, grad_loss)
+
+
+def take_gradient(out, student) -> torch.Tensor:
+    rows, vocab = student.shape
+    raw_grad = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[student.element_size()]
+    return out.take(rows * vocab, raw_grad).view(student.dtype).reshape(rows, vocab)
+
+
+def forward_case(binaries, work, student, teacher, k, variant, estimator, temperature,
+                 sampled=None, valid=None, layout=(0, 0, 0, 0, 0), name=""):  # fmt: skip
+    """Forward and backward kernels vs the CPU op. layout = (s_off, s_pad, t_off, t_pad, g_off):
+    the logits sit at element offsets s_off, t_off in rows padded by s_pad, t_pad, and the
+    gradient at g_off, to vary alignment."""
+    rows, _ = student.shape
+    payload, forward, (s_view, t_view, grad_loss) = forward_payload(
+        student, teacher, k, variant, estimator, temperature, sampled, valid, layout
+    )
+    _, _, _, _, grad_scale, sparse_id, sparse_coef, student_max, student_log_norm = forward
+    _, np_acc, tol = acc_types(student.dtype)
+    full = variant == "full_vocab"
+    grad_want = ops.opd_backward(grad_loss, s_view, t_view, student_max, student_log_norm,
+                                 grad_scale, sparse_id, sparse_coef, temperature, full)  # fmt: skip
     out = harness(binaries["forward_harness"], work, payload)
     if out is None:
         return False
-    got = take_forward_outputs(out, rows, width, np_acc)
-    raw_grad = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[student.element_size()]
-    grad = out.take(rows * vocab, raw_grad).view(student.dtype).reshape(rows, vocab)
+    got = take_forward_outputs(out, rows, 2 * k, np_acc)
+    grad = take_gradient(out, student)
     ok = all_close(name, FORWARD_OUTPUTS, got, forward, tol)
     grad_tol = {torch.float32: 2e-5, torch.float64: 1e-9, torch.bfloat16: 1e-2, torch.float16: 2e-3}
     return close(name, "grad", grad, grad_want, grad_tol[student.dtype]) and ok
@@ -341,14 +376,59 @@ def sparse_cases(quick: bool):
     yield case("ties", s, t, 16, "union_topk", "pg")
 
 
+def device_math_case(binaries, work, case, math: str) -> bool:
+    """The emulated forward and (chained) backward of one numerics case with the device
+    arithmetic `math`, against the fp64 reference: within the device bound of
+    python_tests/numerics_cases.py (docs/math.md, Device precision)?"""
+    case = dataclasses.replace(case, rows=min(case.rows, DEVICE_MATH_ROWS))
+    student, teacher = case.logits()
+    bound, (loss64, grad64) = numerics.cpu_bound(case, student, teacher)
+    sampled = case.sampled_ids()
+    ones = torch.ones(case.rows, dtype=torch.float32)
+    payload, _, _ = forward_payload(student, teacher, case.k, case.variant, case.estimator,
+                                    case.temperature, sampled, None, (0, 0, 0, 0, 0),
+                                    grad_loss=ones, chain=True)  # fmt: skip
+    out = harness(binaries["forward_harness"], work, payload, math)
+    if out is None:
+        return False
+    loss = take_forward_outputs(out, case.rows, 2 * case.k, np.float32)[0]
+    grad = take_gradient(out, student)
+    loss_error, grad_error = numerics.errors(loss.double(), grad.double(), loss64, grad64)
+    ok = numerics.within(bound, loss_error, grad_error)
+    if case.variant == "full_vocab" or case.estimator == "exact":
+        ok = ok and bool((loss >= 0).all())  # a KL, never negative
+    grad_text = "-" if bound.grad is None else f"{grad_error:.2e} / {bound.grad:.2e}"
+    print(f"  {'ok  ' if ok else 'FAIL'} {math:6} {case.name:40} loss {loss_error:.2e} / "
+          f"{bound.loss:.2e}  grad {grad_text}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one case per group")
+    parser.add_argument(
+        "--device-math",
+        nargs="*",
+        metavar="MODE",
+        default=None,
+        help="only the device-numerics cases, with the device arithmetic's documented errors "
+        f"(modes {', '.join(DEVICE_MATH_MODES)}; none given: all three; legacy: the errors "
+        "--use_fast_math made, a negative control that is expected to fail)",
+    )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="opd-cuda-emulator-")
     try:
         binaries = build(work)
         results = []
+        if args.device_math is not None:
+            for math in args.device_math or DEVICE_MATH_MODES:
+                passed = total = 0
+                for case in numerics.cases(args.quick):
+                    ok = device_math_case(binaries, work, case, math)
+                    passed, total = passed + ok, total + 1
+                print(f"device math {math}: {passed} of {total} cases within the device bound")
+                results.append(passed == total)
+            return 0 if all(results) else 1
         for group, cases, run in (
             ("forward+backward", forward_cases, forward_case),
             ("sparse forward+row_topk", sparse_cases, sparse_case),

@@ -1,6 +1,7 @@
 // Host emulation of opd_forward_kernel and opd_backward_kernel (opd_forward.cuh,
 // opd_backward.cuh) on one case written by check.py: reads argv[1], writes the outputs to
-// argv[2]. The backward runs from the CPU op's forward results, so each kernel is checked alone.
+// argv[2]. The backward runs from the CPU op's forward results, so each kernel is checked alone,
+// or (header word 17 set) from the emulated forward's own, for the end-to-end device numerics.
 #include "emu_prelude.h"
 #include "harness_main.h"
 #include "kernels/cuda/opd_forward.cuh"
@@ -49,14 +50,18 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   // Backward from the given (CPU) forward results. Gradient buffer offset by h[16] elements
   // so its alignment can differ from the logits'.
   const int64_t go = h[16];
+  const bool chain = h[17] != 0;
   std::vector<__int128> gbuf((N * V + go) * sizeof(scalar_t) / 16 + 2);
   scalar_t* grad = reinterpret_cast<scalar_t*>(gbuf.data()) + go;
   BackwardParams<scalar_t> bp{};
   bp.student = student; bp.teacher = full ? teacher : nullptr; bp.student_row_stride = ss;
   bp.teacher_row_stride = full ? ts : 0; bp.rows = N; bp.vocab = V; bp.inv_tau = acc_t(1) / acc_t(temperature);
-  bp.full_vocab = full; bp.grad_loss = grad_loss.data(); bp.student_max = max_in.data();
-  bp.student_log_norm = log_norm_in.data();
-  bp.grad_scale = scale_in.data(); bp.sparse_id = sid_in.data(); bp.sparse_coef = coef_in.data();
+  bp.full_vocab = full; bp.grad_loss = grad_loss.data();
+  bp.student_max = chain ? smax.data() : max_in.data();
+  bp.student_log_norm = chain ? snorm.data() : log_norm_in.data();
+  bp.grad_scale = chain ? gs.data() : scale_in.data();
+  bp.sparse_id = chain ? sid.data() : sid_in.data();
+  bp.sparse_coef = chain ? coef.data() : coef_in.data();
   bp.sparse_width = int(W); bp.grad_student = grad;
   for (int64_t row = 0; row < N; ++row) {
     emu_run_block(unsigned(row), [&] {
@@ -73,7 +78,7 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
 }
 
 int main(int argc, char** argv) {
-  return harness_main(argc, argv, 17, [](auto element, const char* body, const int64_t* header,
+  return harness_main(argc, argv, 18, [](auto element, const char* body, const int64_t* header,
                                               double temperature, FILE* out) {
     run<decltype(element)>(body, header, temperature, out);
   });

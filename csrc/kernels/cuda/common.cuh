@@ -20,12 +20,34 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------------------
-// exp in the accumulation type. float: exp2 with log2(e) folded in (ex2.approx under
-// --use_fast_math); exp(-inf) = 0 and exp(NaN) = NaN in both.
+// exp in the accumulation type, in two forms (docs/math.md, Device arithmetic). The build has
+// no --use_fast_math, so exp, log and division everywhere else are CUDA's accurate ones.
+//   exp_precise: expf (<= 2 ulp) / exp. Every value that scales a whole running sum (the
+//     rescaling of the online softmax state, the merges of partial states) and, through
+//     row_loss.h's exp and log, every loss, metric and gradient coefficient.
+//   exp_stream: one per element of the streaming passes only (the forward's online sums, the
+//     backward's p_j). float: ex2.approx.ftz.f32 of x * log2(e), within 2 ulp of 2^y (CUDA's
+//     exp2f is this instruction) after the product's rounding, a relative error of at most
+//     |x| 2^-24 (so |e^x - exp_stream(x)| <= e^x (2^-22 + |x| 2^-24)); results below
+//     2^-126 are 0. double: exp.
+// Both: exp(-inf) = 0 and exp(NaN) = NaN. The emulator (tools/cuda_emulator) provides its own
+// ex2_approx_ftz with the documented error (OPD_FAST_EMULATED_EX2).
 // ---------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float exp_acc(float x) { return exp2f(x * 1.4426950408889634f); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+#ifndef OPD_FAST_EMULATED_EX2
+__device__ __forceinline__ float ex2_approx_ftz(float y) {
+  float result;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(y));  // opd-fast-math: exp_stream
+  return result;
+}
+#endif
+
+__device__ __forceinline__ float exp_stream(float x) {
+  return ex2_approx_ftz(x * 1.4426950408889634f);
+}
+__device__ __forceinline__ double exp_stream(double x) { return exp(x); }
+__device__ __forceinline__ float exp_precise(float x) { return expf(x); }
+__device__ __forceinline__ double exp_precise(double x) { return exp(x); }
 
 // ---------------------------------------------------------------------------------------
 // Element conversion and 16-byte vector I/O

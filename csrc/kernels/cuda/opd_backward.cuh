@@ -57,7 +57,8 @@ struct BackwardParams {
 template <bool kFullVocab, typename acc_t>
 __device__ __forceinline__ acc_t dense_term(acc_t z, acc_t u, acc_t inv_tau, acc_t max,
                                             acc_t log_norm, acc_t grad_scale) {
-  const acc_t prob = exp_acc(shifted_log_prob(z, max, inv_tau, log_norm));
+  // One per element and written once: the fast exp (docs/math.md, Device arithmetic).
+  const acc_t prob = exp_stream(shifted_log_prob(z, max, inv_tau, log_norm));
   acc_t factor = grad_scale;
   if (kFullVocab) factor = prob > acc_t(0) ? (z - u + grad_scale) * inv_tau : acc_t(0);
   return prob > acc_t(0) ? prob * factor : acc_t(0);

@@ -140,7 +140,8 @@ __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const ac
     // Rescale what we have to the new max: sum e d with d -> d - delta.
     const bool was_empty = state.max == -INFINITY;
     const acc_t delta = (vector_max - state.max) * inv_tau;
-    const acc_t scale = was_empty ? acc_t(0) : exp_acc(-delta);
+    // Scales the whole running sum: the accurate exp (a few calls per thread and row).
+    const acc_t scale = was_empty ? acc_t(0) : exp_precise(-delta);
     state.spread = scale > acc_t(0) ? (state.spread - delta * state.sum) * scale : acc_t(0);
     state.sum *= scale;  // keeps a NaN
     if (kCross) state.cross = scale > acc_t(0) ? state.cross * scale : acc_t(0);
@@ -151,7 +152,7 @@ __device__ __forceinline__ void softmax_add(SoftmaxState<acc_t>& state, const ac
   for (int i = 0; i < N; ++i) {
     acc_t d = (x[i] - running_max) * inv_tau;
     d = d < acc_t(-1e4) ? acc_t(-1e4) : d;  // -inf -> finite so that e * d is 0, not NaN
-    const acc_t e = exp_acc(d);
+    const acc_t e = exp_stream(d);  // per element: the fast exp (docs/math.md, Device arithmetic)
     state.sum += e;
     state.spread += e * d;
     if (kCross) state.cross += e > acc_t(0) ? e * (x[i] - other[i]) : acc_t(0);
@@ -180,7 +181,7 @@ __device__ __forceinline__ SoftmaxState<acc_t> softmax_combine(SoftmaxState<acc_
     return a;
   }
   const acc_t delta = (a.max - b.max) * inv_tau;
-  const acc_t scale = exp_acc(-delta);
+  const acc_t scale = exp_precise(-delta);  // scales a whole partial state
   a.sum += b.sum * scale;
   a.spread += scale > acc_t(0) ? (b.spread - delta * b.sum) * scale : acc_t(0);
   a.cross += scale > acc_t(0) ? b.cross * scale : acc_t(0);

@@ -1,0 +1,154 @@
+"""The device-numerics cases and their bound (docs/math.md, Device precision).
+
+Shared by python_tests/test_cuda_numerics.py (the CUDA kernels on a GPU, against an fp64
+evaluation of the reference on the same GPU) and tools/cuda_emulator/check.py --device-math
+(the emulated kernels with the device's documented arithmetic errors). The cases are those of
+test_numerics.py, which holds the CPU kernels to
+
+    per-token loss error        <= max(2 * fp32 reference's error, loss floor)
+    gradient error / max|grad|  <= max(2 * fp32 reference's error, grad floor)
+
+against the reference in fp64; the device must meet DEVICE_FACTOR times that bound. bf16
+logits (accumulated in fp32 like fp32 ones) get the same bound on the bf16 values, plus one
+bf16 ulp of the largest gradient entry for the rounding of the gradient to bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_fast.op import reference
+from opd_fast.op.names import VARIANTS
+
+# The device's bound is this multiple of the CPU's (docs/math.md, Device precision).
+DEVICE_FACTOR = 2.0
+# test_numerics.py's floors: a few ulp of the losses themselves.
+LOSS_FLOOR = 2e-7
+GRAD_FLOOR = 2e-7
+
+PAIRS = [(v, e) for v in VARIANTS for e in ("pg", "exact") if (v, e) != ("sampled_token", "exact")]
+
+
+@dataclass(frozen=True)
+class NumericsCase:
+    """One problem of test_numerics.py: `near_identical` (teacher = student + noise, 3 * randn
+    logits) or `large_over_tau` (1 + 1e-3 randn logits at a small temperature)."""
+
+    name: str
+    kind: str
+    rows: int
+    vocab: int
+    seed: int
+    variant: str
+    estimator: str
+    k: int = 16
+    noise: float = 0.005
+    temperature: float = 1.0
+    sampled: bool = False
+    loss_floor: float = LOSS_FLOOR
+    grad_floor: float | None = GRAD_FLOOR  # None: the loss only (test_numerics does the same)
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) in fp32 on the CPU."""
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.kind == "near_identical":
+            student = 3 * torch.randn(self.rows, self.vocab, generator=generator)
+            teacher = student + self.noise * torch.randn(self.rows, self.vocab, generator=generator)
+        else:
+            student = 1 + 1e-3 * torch.randn(self.rows, self.vocab, generator=generator)
+            teacher = 1 + 1e-3 * torch.randn(self.rows, self.vocab, generator=generator)
+        return student, teacher
+
+    def sampled_ids(self) -> torch.Tensor | None:
+        if not self.sampled:
+            return None
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        return torch.randint(0, self.vocab, (self.rows,), generator=generator)
+
+    def kwargs(self) -> dict:
+        """opd_loss / reference.opd_loss keyword arguments (per-token losses)."""
+        return dict(variant=self.variant, estimator=self.estimator, k=self.k,
+                    temperature=self.temperature, reduction="none")  # fmt: skip
+
+
+def cases(quick: bool = False) -> list[NumericsCase]:
+    """test_numerics.py's problems; quick: one of each kind (the emulator's short run)."""
+    out = []
+    shapes = [(512, 64), (4099, 16), (151_936, 2)]
+    for vocab, rows in shapes[:1] if quick else shapes:
+        for estimator in ("pg", "exact"):
+            name = f"full_vocab near-identical V={vocab} {estimator}"
+            out.append(NumericsCase(name, "near_identical", rows, vocab, vocab, "full_vocab",
+                                    estimator))  # fmt: skip
+    for noise in (1e-4, 1e-3):  # per-token KLs of ~1e-9 to 1e-7
+        out.append(NumericsCase(f"tiny KL noise={noise:g}", "near_identical", 32, 1000, 7,
+                                "full_vocab", "exact", k=8, noise=noise, loss_floor=1e-8,
+                                grad_floor=None))  # fmt: skip
+    for variant, estimator in PAIRS[:3] if quick else PAIRS:
+        out.append(NumericsCase(f"{variant} {estimator} near-identical", "near_identical", 64,
+                                2048, 11, variant, estimator, sampled=True))  # fmt: skip
+        if not quick:
+            out.append(NumericsCase(f"{variant} {estimator} tau=1e-3", "large_over_tau", 16,
+                                    1000, 5, variant, estimator, k=8, temperature=1e-3,
+                                    sampled=True, loss_floor=1e-5, grad_floor=1e-6))  # fmt: skip
+    return out
+
+
+def per_token(fn, student, teacher, case: NumericsCase, sampled_ids=None):
+    """Per-token losses (N,) and d sum(loss) / d student (N, V) of `fn` (opd_fast.opd_loss or
+    reference.opd_loss), both as float64 on the inputs' device."""
+    student = student.detach().clone().requires_grad_(True)
+    out = fn(student, teacher, sampled_ids=sampled_ids, **case.kwargs())
+    loss = out.loss if hasattr(out, "loss") else out[0]
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    return loss.detach().double(), grad.double()
+
+
+def errors(loss, grad, loss64, grad64) -> tuple[float, float]:
+    """Max per-token loss error, and max gradient error relative to the largest true entry."""
+    scale = grad64.abs().max().clamp_min(1e-30)
+    loss_error = float((loss.cpu() - loss64.cpu()).abs().max())
+    grad_error = float((grad.cpu() - grad64.cpu()).abs().max() / scale.cpu())
+    return loss_error, grad_error
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The CPU's bound of one case and dtype (test_numerics.py's rule) and the device's."""
+
+    loss_cpu: float
+    grad_cpu: float | None
+
+    @property
+    def loss(self) -> float:
+        return DEVICE_FACTOR * self.loss_cpu
+
+    @property
+    def grad(self) -> float | None:
+        return None if self.grad_cpu is None else DEVICE_FACTOR * self.grad_cpu
+
+
+def cpu_bound(case: NumericsCase, student, teacher, dtype=torch.float32) -> tuple[Bound, tuple]:
+    """The bound for `dtype` logits with the values of (student, teacher) rounded to it, and the
+    fp64 evaluation on the CPU (loss64, grad64) it was measured against. bf16: the fp32
+    reference on the bf16 values, plus one bf16 ulp of the largest gradient entry."""
+    student, teacher = student.to(dtype).float(), teacher.to(dtype).float()
+    ids = case.sampled_ids()
+    loss64, grad64 = per_token(reference.opd_loss, student.double(), teacher.double(), case, ids)
+    loss32, grad32 = per_token(reference.opd_loss, student, teacher, case, ids)
+    loss_ref, grad_ref = errors(loss32, grad32, loss64, grad64)
+    loss_bound = max(2 * loss_ref, case.loss_floor)
+    grad_bound = None
+    if case.grad_floor is not None:
+        grad_bound = max(2 * grad_ref, case.grad_floor)
+        if dtype == torch.bfloat16:
+            grad_bound += torch.finfo(torch.bfloat16).eps
+    return Bound(loss_bound, grad_bound), (loss64, grad64)
+
+
+def within(bound: Bound, loss_error: float, grad_error: float | None) -> bool:
+    """Whether the device errors of a case meet the device bound."""
+    grad_ok = bound.grad is None or (grad_error is not None and grad_error <= bound.grad)
+    return loss_error <= bound.loss and grad_ok
