@@ -74,7 +74,7 @@ def start_server(kind: str, teacher: str, folder: str, vllm_python: str):
     if kind == "server":
         command = [sys.executable, "-m", "opd_fast", "serve-teacher", "--model", teacher,
                    "--port", str(port), "--device", "cpu"]  # fmt: skip
-        health, keys = f"http://127.0.0.1:{port}/v1/model", {
+        health, keys = f"http://127.0.0.1:{port}/health", {
             "teacher_url": f"http://127.0.0.1:{port}"
         }
     else:

@@ -146,11 +146,12 @@ def sanitizer_command(tool: str):
     return command
 
 
-def train_command(fsdp2: bool):
+def train_command(fsdp2: bool, name: str = "", *options: str):
     def command(context: Context, timeout: float) -> list[str]:
-        name = "train-smoke-fsdp2.json" if fsdp2 else "train-smoke.json"
-        script = ["bench/train_smoke.py", "--device", "cuda", "--out", context.path(name)]
-        if fsdp2:  # the FSDP2 path on one rank (fp32 master weights, bf16 compute)
+        result = name or ("train-smoke-fsdp2.json" if fsdp2 else "train-smoke.json")
+        script = ["bench/train_smoke.py", "--device", "cuda", *options,
+                  "--out", context.path(result)]  # fmt: skip
+        if fsdp2:  # the FSDP2 path on one rank (fp32 master weights, bf16 compute, fused loss)
             return [context.python, "-m", "torch.distributed.run", "--standalone",
                     "--nproc-per-node", "1", *script]  # fmt: skip
         return [context.python, *script]
@@ -299,9 +300,11 @@ def sanitizer_headline(tool: str):
 def train_headline(name: str):
     def headline(context: Context) -> dict:
         result = _read_json(context.path(name)) or {}
-        keys = ("device_name", "ranks", "fsdp2", "steps", "rollout_tokens_per_s_median",
-                "teacher_tokens_per_s_median", "train_tokens_per_s_median", "peak_memory_mib",
-                "loss_first", "loss_last", "wall_seconds")  # fmt: skip
+        keys = ("device_name", "ranks", "fsdp2", "loss_path", "teacher", "vocab", "steps",
+                "rollout_tokens_per_s_median", "teacher_tokens_per_s_median",
+                "train_tokens_per_s_median", "computed_tokens_per_real_token_median",
+                "train_peak_memory_mib_max", "peak_memory_mib", "loss_first", "loss_last",
+                "wall_seconds")  # fmt: skip
         return {key: result[key] for key in keys if key in result}
 
     return headline
@@ -363,14 +366,22 @@ STEPS: tuple[Step, ...] = (
          env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),  # fmt: skip
     Step("train_smoke", "8 OPD steps of tiny random Qwen3s in bf16 (bench/train_smoke.py)", 120,
          45, train_command(False), train_headline("train-smoke.json")),  # fmt: skip
-    Step("train_smoke_fsdp2", "the same under torchrun: FSDP2 on one rank", 150, 60,
-         train_command(True), train_headline("train-smoke-fsdp2.json")),  # fmt: skip
+    Step("train_smoke_fsdp2", "the same under torchrun: FSDP2 on one rank, fused_linear", 150,
+         60, train_command(True), train_headline("train-smoke-fsdp2.json")),  # fmt: skip
     Step("bench", "the op: bf16/fp32, N 1024/8192, V 151,936 vs careful eager, compile, floor",
          240, 60, bench_command, bench_headline),  # fmt: skip
     Step("bench_linear", "fused linear OPD: N 32,768, H 2048, bf16", 120, 45,
          bench_linear_command, bench_linear_headline),  # fmt: skip
-    # Beyond the issue's list, so last, if time is left: barrier and warp-mask misuse; the hf
-    # rollout engine's tokens/s (a random Qwen3, 256 sequences x 128 tokens, bf16).
+    # Beyond issue 24's list, so last, if time is left: the lean path's rows of issue 19 (a
+    # payload teacher on the fused path at V = 151,936; packed micro-batches); barrier and
+    # warp-mask misuse; the hf rollout engine's tokens/s (a random Qwen3, 256 x 128, bf16).
+    Step("train_payload_fused", "a teacher server (payload) on the fused path, V 151,936", 90,
+         45, train_command(False, "train-payload-fused.json", "--teacher-server", "--vocab",
+                           "151936", "--steps", "3"),
+         train_headline("train-payload-fused.json")),  # fmt: skip
+    Step("train_packed", "packed micro-batches (pack_sequences, 4,096-token rows)", 75, 40,
+         train_command(False, "train-packed.json", "--micro-batch-tokens", "4096", "--pack",
+                       "--steps", "3"), train_headline("train-packed.json")),  # fmt: skip
     Step("sanitizer_synccheck", "compute-sanitizer synccheck (barriers, warp masks)", 60, 20,
          sanitizer_command("synccheck"), sanitizer_headline("synccheck")),  # fmt: skip
     Step("rollout_hf", "rollout tokens/s of the hf engine (bench/bench_rollout.py)", 120, 40,

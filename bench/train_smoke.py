@@ -3,6 +3,8 @@
     python bench/train_smoke.py --device cuda --out bench/results/gpu-local/train-smoke.json
     python bench/train_smoke.py --device cpu --steps 3      # the same path on a CPU
     torchrun --standalone --nproc-per-node 1 bench/train_smoke.py --device cuda  # FSDP2
+    python bench/train_smoke.py --device cuda --teacher-server          # a payload teacher
+    python bench/train_smoke.py --device cuda --micro-batch-tokens 4096 --pack   # packed rows
 
 Prints (and writes as JSON) the medians over the steps after the first of the trainer's own
 rollout, teacher-scoring and training tokens per second, and the peak memory. The models are
@@ -28,6 +30,46 @@ from opd_fast.training.trainer import train
 RATES = ("rollout_tokens_per_s", "teacher_tokens_per_s", "train_tokens_per_s")
 
 
+def start_teacher_server(teacher: str, device: str, folder: str):
+    """`opd-fast serve-teacher` of `teacher` on a free port: (process, its URL) once it answers."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(os.path.join(folder, "server.log"), "w")  # noqa: SIM115 (the server's lifetime)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "opd_fast",
+            "serve-teacher",
+            "--model",
+            teacher,
+            "--port",
+            str(port),
+            "--device",
+            device,
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return process, url
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the teacher server did not start; see {log.name}") from None
+            time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -37,18 +79,37 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--vocab", type=int, help="output rows (default: the tokenizer's)")
+    parser.add_argument("--loss-path", default="fused_linear", choices=["fused_linear", "logits"])
+    parser.add_argument(
+        "--teacher-server",
+        action="store_true",
+        help="score with `opd-fast serve-teacher` on the same device (a payload teacher)",
+    )
+    parser.add_argument("--micro-batch-tokens", type=int, default=0)
+    parser.add_argument("--pack", action="store_true", help="pack_sequences (needs the above)")
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="opd-train-smoke-") as folder:
         tokenizer = tiny_tokenizer()
         student = save_tiny_model(os.path.join(folder, "student"), hidden_size=args.hidden,
-                                  num_layers=args.layers, seed=1, tokenizer=tokenizer)  # fmt: skip
+                                  num_layers=args.layers, seed=1, tokenizer=tokenizer,
+                                  vocab_size=args.vocab)  # fmt: skip
         teacher = save_tiny_model(os.path.join(folder, "teacher"), hidden_size=2 * args.hidden,
-                                  num_layers=args.layers, seed=2, tokenizer=tokenizer)  # fmt: skip
+                                  num_layers=args.layers, seed=2, tokenizer=tokenizer,
+                                  vocab_size=args.vocab)  # fmt: skip
         prompts = write_prompts(os.path.join(folder, "prompts.jsonl"), count=256)
+        server, teacher_keys = None, {}
+        if args.teacher_server:
+            server, url = start_teacher_server(teacher, args.device, folder)
+            teacher_keys = {"teacher_url": url}
         config = make_config(
             {
+                **teacher_keys,
+                "loss_path": args.loss_path,
+                "micro_batch_tokens": args.micro_batch_tokens,
+                "pack_sequences": args.pack,
                 "student": student,
                 "teacher": teacher,
                 "train_data": prompts,
@@ -67,7 +128,12 @@ def main() -> None:
                 "progress": False,
             }
         )
-        summary = train(config)
+        try:
+            summary = train(config)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=60)
         with open(os.path.join(config.run_dir, "metrics.jsonl")) as handle:
             steps = [r for r in map(json.loads, handle) if r.get("kind") == "train"]
     measured = steps[1:] or steps  # the first step pays for warm-up (kernels, allocator)
@@ -80,7 +146,15 @@ def main() -> None:
         "student_hidden": args.hidden,
         "teacher_hidden": 2 * args.hidden,
         "layers": args.layers,
-        "vocab": len(tokenizer),
+        "vocab": args.vocab or len(tokenizer),
+        "loss_path": steps[0]["loss_path"],
+        "teacher": "server (payload)" if args.teacher_server else "in process",
+        "micro_batch_tokens": args.micro_batch_tokens,
+        "pack_sequences": args.pack,
+        "computed_tokens_per_real_token_median": statistics.median(
+            r["computed_tokens_per_real_token"] for r in measured
+        ),
+        "train_peak_memory_mib_max": max(r["train_peak_memory_mib"] for r in steps),
         "steps": len(steps),
         "steps_measured": len(measured),
         "sequences_per_step": args.prompts_per_step * 4,
