@@ -159,6 +159,14 @@ def train_command(fsdp2: bool, name: str = "", *options: str):
     return command
 
 
+def vllm_train_command(context: Context, timeout: float):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed here (pip install vllm); the vllm engine row is skipped"
+    return train_command(True, "train-vllm-fsdp2.json", "--engine", "vllm")(context, timeout)
+
+
 def bench_command(context: Context, timeout: float) -> list[str]:
     peak = context.machine.get("peak_hbm_gbps") or 3350.0
     # bench_opd stops starting baselines once its own budget is used; opd_fast rows always run
@@ -300,7 +308,8 @@ def sanitizer_headline(tool: str):
 def train_headline(name: str):
     def headline(context: Context) -> dict:
         result = _read_json(context.path(name)) or {}
-        keys = ("device_name", "ranks", "fsdp2", "loss_path", "teacher", "vocab", "steps",
+        keys = ("device_name", "ranks", "fsdp2", "loss_path", "rollout_engine", "max_staleness",
+                "teacher", "vocab", "steps", "step_seconds_median",
                 "rollout_tokens_per_s_median", "teacher_tokens_per_s_median",
                 "train_tokens_per_s_median", "computed_tokens_per_real_token_median",
                 "train_peak_memory_mib_max", "peak_memory_mib", "loss_first", "loss_last",
@@ -382,6 +391,14 @@ STEPS: tuple[Step, ...] = (
     Step("train_packed", "packed micro-batches (pack_sequences, 4,096-token rows)", 75, 40,
          train_command(False, "train-packed.json", "--micro-batch-tokens", "4096", "--pack",
                        "--steps", "3"), train_headline("train-packed.json")),  # fmt: skip
+    # Issue 20's rows: rollouts beside training (max_staleness 1; the synchronous loop is
+    # train_smoke above, same settings), and the vllm engine under torchrun (skipped with a
+    # line where vLLM is not installed, as on the lent machines so far).
+    Step("train_async", "max_staleness 1: rollouts sampled beside training (train_smoke)", 120,
+         45, train_command(False, "train-async.json", "--max-staleness", "1"),
+         train_headline("train-async.json")),  # fmt: skip
+    Step("train_vllm_fsdp2", "the vllm engine under torchrun on one rank, weights from FSDP2",
+         150, 60, vllm_train_command, train_headline("train-vllm-fsdp2.json")),  # fmt: skip
     Step("sanitizer_synccheck", "compute-sanitizer synccheck (barriers, warp masks)", 60, 20,
          sanitizer_command("synccheck"), sanitizer_headline("synccheck")),  # fmt: skip
     Step("rollout_hf", "rollout tokens/s of the hf engine (bench/bench_rollout.py)", 120, 40,

@@ -5,6 +5,7 @@
     torchrun --standalone --nproc-per-node 1 bench/train_smoke.py --device cuda  # FSDP2
     python bench/train_smoke.py --device cuda --teacher-server          # a payload teacher
     python bench/train_smoke.py --device cuda --micro-batch-tokens 4096 --pack   # packed rows
+    python bench/train_smoke.py --device cuda --max-staleness 1   # rollouts beside training
 
 Prints (and writes as JSON) the medians over the steps after the first of the trainer's own
 rollout, teacher-scoring and training tokens per second, and the peak memory. The models are
@@ -86,6 +87,8 @@ def main() -> None:
         action="store_true",
         help="score with `opd-fast serve-teacher` on the same device (a payload teacher)",
     )
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout_engine")
+    parser.add_argument("--max-staleness", type=int, default=0, help="rollouts beside training")
     parser.add_argument("--micro-batch-tokens", type=int, default=0)
     parser.add_argument("--pack", action="store_true", help="pack_sequences (needs the above)")
     parser.add_argument("--out", help="JSON file for the results")
@@ -108,6 +111,8 @@ def main() -> None:
             {
                 **teacher_keys,
                 "loss_path": args.loss_path,
+                "rollout_engine": args.engine,
+                "max_staleness": args.max_staleness,
                 "micro_batch_tokens": args.micro_batch_tokens,
                 "pack_sequences": args.pack,
                 "student": student,
@@ -148,6 +153,9 @@ def main() -> None:
         "layers": args.layers,
         "vocab": args.vocab or len(tokenizer),
         "loss_path": steps[0]["loss_path"],
+        "rollout_engine": args.engine,
+        "max_staleness": args.max_staleness,
+        "step_seconds_median": statistics.median(r["step_seconds"] for r in measured),
         "teacher": "server (payload)" if args.teacher_server else "in process",
         "micro_batch_tokens": args.micro_batch_tokens,
         "pack_sequences": args.pack,

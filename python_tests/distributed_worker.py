@@ -5,6 +5,8 @@
 
 step: one train_step on the global batch saved in --batch (this rank takes its share), then rank
       0 saves the full (unsharded) parameters and the step's record to --out.
+generate: one rollout phase (the step's rollouts); rank 0 saves to --out the number of
+      all-gathers it ran, the decoding steps and the FSDP2 units.
 teacher: the in-process teacher's answers (hidden states with the output layer, and logits)
       for the batch in --batch, every rank scoring all of it; rank 0 saves them to --out with
       the share of the teacher's parameters this rank holds.
@@ -36,6 +38,24 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
     }
 
 
+def engine_vs_student(trainer) -> list[float] | None:
+    """Per rank: the largest |log p| difference between the rollout engine's prompt log-probs
+    and the (sharded) student's own forward on fixed ids, after the last weight sync."""
+    engine = trainer.parts.engine
+    if not hasattr(engine, "prompt_log_probs"):
+        return None
+    import torch.distributed as torch_dist
+
+    ids = torch.tensor(LOGIT_IDS)
+    with torch.no_grad():
+        logits = trainer.parts.student(input_ids=ids).logits[0, :-1].float()
+    student = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    served = torch.tensor(engine.prompt_log_probs(LOGIT_IDS)[0])
+    gaps = [None] * trainer.parts.dist.world_size
+    torch_dist.all_gather_object(gaps, float((served - student).abs().max()))
+    return gaps
+
+
 def local_numel(parameter) -> int:
     """Elements this rank holds of a (possibly FSDP-sharded, DTensor) parameter."""
     local = getattr(parameter, "to_local", None)
@@ -49,7 +69,7 @@ def share_of(batch, examples, rank: int, world: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["step", "run", "teacher"])
+    parser.add_argument("mode", choices=["step", "run", "teacher", "generate"])
     parser.add_argument("config")
     parser.add_argument("--batch")
     parser.add_argument("--out")
@@ -65,6 +85,7 @@ def main() -> None:
     if args.mode == "step":
         batch, examples = torch.load(args.batch, weights_only=False)
         record = trainer.train_step(share_of(batch, examples, dist.rank, dist.world_size))
+        engine_gap = engine_vs_student(trainer)  # None unless the engine holds its own weights
         student = trainer.parts.student
         parameters = full_parameters(student)
         gradients = {  # the step's gradients, still in .grad (a collective: every rank)
@@ -73,8 +94,44 @@ def main() -> None:
         }
         if dist.is_main:
             torch.save(
-                {"parameters": parameters, "gradients": gradients, "record": record}, args.out
+                {
+                    "parameters": parameters,
+                    "gradients": gradients,
+                    "record": record,
+                    "engine_gap": engine_gap,
+                },
+                args.out,
             )
+        dist.close()
+        return
+    if args.mode == "generate":
+        import torch.distributed as torch_dist
+
+        from opd_fast.training.distributed import fsdp_units
+        from opd_fast.training.step.rollout import sample_rollouts
+
+        calls = [0]
+        names = [
+            n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(torch_dist, n)
+        ]
+        real = {name: getattr(torch_dist, name) for name in names}  # FSDP2's, by torch release
+
+        def counting(function):
+            def counted(*a, **k):
+                calls[0] += 1
+                return function(*a, **k)
+
+            return counted
+
+        for name in names:
+            setattr(torch_dist, name, counting(real[name]))
+        batch, _ = sample_rollouts(trainer.parts)
+        for name in names:
+            setattr(torch_dist, name, real[name])
+        steps = int(batch.response_mask.sum(dim=1).max())
+        units = len(fsdp_units(trainer.parts.student))
+        if dist.is_main:
+            torch.save({"all_gathers": calls[0], "decoding_steps": steps, "units": units}, args.out)
         dist.close()
         return
     if args.mode == "teacher":

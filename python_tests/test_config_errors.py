@@ -242,7 +242,10 @@ def test_cli_debug_shows_the_traceback(tmp_path):
             r"prompts_per_step \(3\) must be a multiple of the number of ranks \(2\)",
         ),
         ({"cold_start_steps": 5}, "cold_start_steps is not supported in a multi-rank run"),
-        ({"rollout_engine": "vllm"}, "rollout_engine vllm is not supported in a multi-rank run"),
+        (
+            {"rollout_unshard": "on", "fsdp_cpu_offload": True},
+            "rollout_unshard: on gathers the whole student onto the GPU",
+        ),
     ],
 )
 def test_multi_rank_limits_are_checked_with_the_config(values, message, monkeypatch):

@@ -299,6 +299,23 @@ def test_two_rank_step_equals_single_process_step(tmp_path, tiny, loss_path, ran
         ), name
 
 
+def test_rollout_unshard_gathers_once_per_phase(tmp_path, tiny):
+    """rollout_unshard: on gathers each FSDP2 unit once for a rollout phase; off gathers every
+    decoder layer at every decoding step (the root stays gathered after its first forward)."""
+    counts = {}
+    for mode in ("on", "off"):
+        config = _write_config(
+            tmp_path / f"{mode}.json",
+            {**tiny, **RUN, "run_dir": str(tmp_path / mode), "rollout_unshard": mode},
+        )
+        out = str(tmp_path / f"{mode}.pt")
+        _check(_torchrun(["generate", config, "--out", out]))
+        counts[mode] = torch.load(out, weights_only=False)
+    on, off = counts["on"], counts["off"]
+    assert 0 < on["all_gathers"] <= on["units"]
+    assert off["all_gathers"] >= (off["units"] - 1) * off["decoding_steps"] + 1
+
+
 def test_sharded_teacher_answers_as_the_replicated_one(tmp_path, tiny):
     """teacher_sharding: shard holds half the teacher's parameters per rank (of 2) and gives
     the replicated teacher's hidden states, output layer and logits."""

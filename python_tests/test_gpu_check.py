@@ -24,7 +24,8 @@ import gpu_check  # noqa: E402  (bench/ is not a package)
 
 PRIORITY = ["machine", "build", "correctness", "numerics", "sanitizer_racecheck",
             "sanitizer_memcheck", "train_smoke", "train_smoke_fsdp2", "bench", "bench_linear",
-            "train_payload_fused", "train_packed", "sanitizer_synccheck", "rollout_hf"]  # fmt: skip
+            "train_payload_fused", "train_packed", "train_async", "train_vllm_fsdp2",
+            "sanitizer_synccheck", "rollout_hf"]  # fmt: skip
 
 
 def fake_context(tmp_path, dry_run=False):

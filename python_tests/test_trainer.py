@@ -368,7 +368,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny, loss_path):
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_000002"))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny):
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny, max_staleness):
+    """Ctrl-C finishes the step and saves (with rollouts sampled ahead, the queue too), the
+    process ends without hanging, and a resume finishes the run."""
     run_dir = str(tmp_path / "run")
     config = {
         **tiny,
@@ -377,6 +380,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny):
         "checkpoint_every": 0,
         "eval_every": 0,
         "run_dir": run_dir,
+        "max_staleness": max_staleness,
     }
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config))

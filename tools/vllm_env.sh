@@ -35,4 +35,5 @@ if [ "${OPD_FAST_VLLM_SETUP_ONLY:-0}" = 1 ]; then
   exit 0
 fi
 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  python_tests/test_vllm_engine.py python_tests/test_openai_teacher_vllm.py
+  python_tests/test_vllm_engine.py python_tests/test_openai_teacher_vllm.py \
+  python_tests/test_vllm_distributed.py

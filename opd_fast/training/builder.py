@@ -30,7 +30,12 @@ from opd_fast.toy import resolve_toy
 from opd_fast.training.checkpoints import Checkpointer, make_checkpointer
 from opd_fast.training.config import TrainConfig
 from opd_fast.training.data import Example, PromptSampler, check_prompt_lengths, load_examples
-from opd_fast.training.distributed import Distributed, teacher_url_for_rank
+from opd_fast.training.distributed import (
+    Distributed,
+    available_memory_bytes,
+    teacher_url_for_rank,
+    unsharded_bytes,
+)
 from opd_fast.training.loggers import open_run_log
 from opd_fast.training.memory import PeakMemory
 from opd_fast.training.metrics import MetricsLog
@@ -103,7 +108,17 @@ class Run:
         return make_run_engine(self.config, model, self.tokenizer, model_path, self.longest_prompt)
 
 
-def make_run_engine(config, model, tokenizer, model_path: str, longest_prompt: int):
+def make_run_engine(
+    config,
+    model,
+    tokenizer,
+    model_path: str,
+    longest_prompt: int,
+    *,
+    unshard: bool = False,
+    own_copy: bool = False,
+):
+    """The config's rollout engine for `model` (unshard, own_copy: the hf engine's)."""
     return make_engine(
         config.rollout_engine,
         model,
@@ -113,7 +128,33 @@ def make_run_engine(config, model, tokenizer, model_path: str, longest_prompt: i
         seed=config.seed,
         max_model_len=longest_prompt + config.max_new_tokens,
         max_num_seqs=config.rollout_batch_size,
+        unshard=unshard,
+        own_copy=own_copy,
     )
+
+
+def rollout_unshard(dist: Distributed, wanted: str, student, device: torch.device) -> bool:
+    """Whether the hf engine gathers a sharded student once per rollout phase: `on`, `off`,
+    or `auto`: when the whole model takes at most half the memory free on the device (rank 0
+    says when it falls back to gathering at every decoding step)."""
+    if not dist.active or wanted == "off":
+        return False
+    if wanted == "on":
+        return True
+    needed = unsharded_bytes(student)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory_bytes() // max(dist.local_world_size, 1)
+    fits = needed <= free / 2
+    if not fits and dist.is_main:
+        print(
+            f"rollout_unshard=auto: the whole student ({needed / 2**30:.2f} GiB) does not fit "
+            f"in half the free memory ({free / 2**30:.2f} GiB): generation gathers each layer "
+            "at every decoding step",
+            flush=True,
+        )
+    return fits
 
 
 def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_loss) -> Run:
@@ -194,7 +235,19 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
     sampler = PromptSampler(train_examples, config.seed)
     # The student's sampler: rollouts and evaluation (vllm: refused here, before any step,
     # when it is not installed or cannot run the student's architecture).
-    engine = make_run_engine(config, pair.student, pair.tokenizer, paths["student"], longest_prompt)
+    unshard = config.rollout_engine == "hf" and rollout_unshard(
+        dist, config.rollout_unshard, pair.student, placement.device
+    )
+    # With max_staleness > 0 rollouts run beside training: the hf engine samples its own copy.
+    engine = make_run_engine(
+        config,
+        pair.student,
+        pair.tokenizer,
+        paths["student"],
+        longest_prompt,
+        unshard=unshard,
+        own_copy=config.max_staleness > 0,
+    )
     optimizer = torch.optim.AdamW(
         pair.student.parameters(),
         lr=config.lr,

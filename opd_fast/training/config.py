@@ -52,6 +52,7 @@ _BOUNDS = (
             "warmup_steps",
             "eval_max_prompts",
             "micro_batch_tokens",
+            "max_staleness",
             "cold_start_steps",
             "rollout_is_cap",
         ),
@@ -86,6 +87,7 @@ _CHOICES = {
     "rollout_engine": ENGINE_NAMES,
     "loss_path": ("fused_linear", "logits"),
     "teacher_sharding": ("auto", "replicate", "shard"),
+    "rollout_unshard": ("auto", "on", "off"),
 }
 
 # auto | cpu | cuda | cuda:N (whether that device exists is checked when models are placed).
@@ -121,6 +123,12 @@ class TrainConfig:
     rollout_batch_size: int = 64  # sequences generated at once
     rollout_engine: str = "hf"  # hf (Hugging Face generate) | vllm (pip install "opd_fast[vllm]")
     rollout_is_cap: float = 0.0  # > 0: weight token losses by min(pi_train / pi_engine, cap)
+    # hf under FSDP2: gather the student once per rollout phase, not at every decoding step
+    # (auto: when the whole model fits, else it says it falls back).
+    rollout_unshard: str = "auto"  # auto | on | off
+    # > 0: rollouts for later steps are sampled while the current step trains, with weights
+    # exactly this many updates old (0: the synchronous loop).
+    max_staleness: int = 0
 
     # Loss (the fused op).
     k: int = 16
@@ -318,10 +326,11 @@ def _check_ranks(config: TrainConfig, world_size: int) -> None:
         return
     if config.cold_start_steps:
         raise ValueError("config: cold_start_steps is not supported in a multi-rank run yet")
-    if config.rollout_engine != "hf":  # the weight sync gathers no shards yet
+    if config.rollout_unshard == "on" and config.fsdp_cpu_offload:
         raise ValueError(
-            f"config: rollout_engine {config.rollout_engine} is not supported in a "
-            "multi-rank run yet; use rollout_engine: hf"
+            "config: rollout_unshard: on gathers the whole student onto the GPU for generation, "
+            "which fsdp_cpu_offload keeps off it; use rollout_unshard: auto (it falls back when "
+            "the model does not fit) or off"
         )
 
 

@@ -14,14 +14,17 @@ which stops the others and names the failed rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 from opd_fast.models.output_layer import register_root_call
 from opd_fast.op.names import TOKEN_METRIC_NAMES
@@ -299,6 +302,18 @@ class Distributed:
             shutdown()
 
 
+def available_memory_bytes() -> int:
+    """This machine's available RAM (MemAvailable), or its total where that is unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def rank_memory_bytes(device: torch.device, local_ranks: int) -> int:
     """The memory one rank may use: its GPU's, or this machine's RAM shared by its ranks."""
     if device.type == "cuda":
@@ -320,6 +335,94 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a Hugging Face model (the classes its _no_split_modules names)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units of `model` (root first, then its decoder layers); [] when not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def _unit_tensors(unit: torch.nn.Module, prefix: str, is_unit) -> Iterator[tuple[str, Tensor]]:
+    """(state_dict name, tensor) of the parameters and persistent buffers `unit` holds itself,
+    not those of the FSDP units inside it."""
+    stack = [(prefix, unit)]
+    while stack:
+        path, module = stack.pop()
+        for name, parameter in module.named_parameters(recurse=False):
+            yield path + name, parameter
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield path + name, buffer
+        stack.extend(
+            (f"{path}{name}.", child)
+            for name, child in reversed(list(module.named_children()))
+            if not is_unit(child)
+        )
+
+
+def full_state_items(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of `model`'s whole state as state_dict names it, in `dtype` (default:
+    as it is), without ever holding the whole model unsharded: under FSDP2 one unit (a decoder
+    layer, or the root's own embeddings, norm and output layer) is gathered at a time, its
+    tensors are yielded as copies, and it is resharded before the next. Every rank must
+    consume the whole iterator (the gathers are collectives)."""
+    units = fsdp_units(model)
+    if not units:
+        for name, tensor in model.state_dict().items():
+            tensor = tensor.detach()
+            yield name, tensor if dtype in (None, tensor.dtype) else tensor.to(dtype)
+        return
+    prefixes = {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
+    unit_ids = {id(unit) for unit in units}
+    for unit in units:
+        unit.unshard()
+        try:
+            for name, tensor in _unit_tensors(
+                unit, prefixes[id(unit)], lambda m: id(m) in unit_ids
+            ):
+                # A copy: the gathered storage is freed when the unit reshards.
+                yield name, tensor.detach().to(dtype or tensor.dtype, copy=True)
+        finally:
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Every FSDP2 unit of `model` gathered once for the block and kept gathered across its
+    forwards (a rollout phase: otherwise each decoding step gathers every layer again), then
+    resharded. The whole model is unsharded meanwhile. No-op for an unsharded model."""
+    units = fsdp_units(model)
+    if units:  # FSDP's lazy init sets each unit's resharding policy: run it before changing it
+        units[0]._get_fsdp_state()._lazy_init()
+    layers = [unit for unit in units if unit is not model]  # the root keeps its own policy
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+
+
+def unsharded_bytes(model: torch.nn.Module) -> int:
+    """The bytes `model`'s parameters take unsharded, in the dtype they compute in (FSDP2's
+    mixed-precision param_dtype where it sets one)."""
+    units = fsdp_units(model)
+    compute = getattr(units[0]._get_fsdp_state()._mp_policy, "param_dtype", None) if units else None
+    return sum(
+        parameter.numel() * torch.empty((), dtype=compute or parameter.dtype).element_size()
+        for parameter in model.parameters()  # a DTensor's numel is the whole parameter's
+    )
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

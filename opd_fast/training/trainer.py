@@ -9,10 +9,13 @@ checkpoints to the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
+
+import torch
 
 from opd_fast.op.loss import opd_loss
 from opd_fast.teachers.base import Teacher
@@ -30,6 +33,7 @@ from opd_fast.training.metrics import summarise, write_json
 from opd_fast.training.plots import plot_dynamics
 from opd_fast.training.rollouts import RolloutBatch
 from opd_fast.training.step import TrainingDiverged, train_step
+from opd_fast.training.step.rollout import InFlight, RolloutsAhead, rollout_seed
 from opd_fast.training.threads import cpu_threads
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]
@@ -45,17 +49,44 @@ class Trainer:
         self.wall_before = 0.0  # wall time of earlier (resumed-from) sessions
         self.session_started = time.perf_counter()
         self.finished = False  # the run's end checkpoint is written (a resumed finished run)
+        self.ahead: RolloutsAhead | None = None  # max_staleness > 0: rollouts beside training
+        self._resumed_in_flight: list[InFlight] = []
 
     # ---- steps, evaluation, the cold start ----------------------------------------------
 
     def train_step(self, rollouts: tuple[RolloutBatch, list[Example]] | None = None) -> dict:
-        """Train the next step (on `rollouts` when given: this rank's batch and examples)."""
-        record = train_step(self.parts, self.step + 1, rollouts)
-        self.step += 1
+        """Train the next step (on `rollouts` when given: this rank's batch and examples;
+        else the step's rollouts, sampled now or ahead of it)."""
+        step = self.step + 1
+        if rollouts is None and self.ahead is not None:
+            item = self.ahead.take(step)
+            record = train_step(
+                self.parts,
+                step,
+                (item.batch, item.examples),
+                staleness=step - 1 - item.version,
+                sync=lambda: self.ahead.weights_updated(step),
+            )
+        else:
+            record = train_step(self.parts, step, rollouts)
+        self.step = step
         return record
 
     def evaluate(self, with_teacher: bool = False) -> dict:
-        return evaluate(self.parts, self.step, with_teacher)
+        if self.ahead is None:
+            return evaluate(self.parts, self.step, with_teacher)
+        # Between two samplings ahead, and seeded by the step: the same draws however the
+        # threads interleave.
+        with self.ahead.engine_turn():
+            torch.manual_seed(rollout_seed(self.config.seed, self.parts.dist.rank, -1 - self.step))
+            return evaluate(self.parts, self.step, with_teacher)
+
+    def _start_sampling_ahead(self) -> None:
+        if self.config.max_staleness and self.ahead is None:
+            self.ahead = RolloutsAhead(
+                self.parts, self.config.max_staleness, self.step, self._resumed_in_flight
+            )
+            self._resumed_in_flight = []
 
     def cold_start(self) -> dict:
         """SFT the student on filtered teacher responses to the training prompts (in place)."""
@@ -64,7 +95,10 @@ class Trainer:
         return cold_start_run(self.parts)
 
     def close(self) -> None:
-        """Free the rollout engine (a vLLM engine's memory and state)."""
+        """Stop the sampling ahead, free the rollout engine (a vLLM engine's memory)."""
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
         self.parts.engine.close()
 
     # ---- checkpoints ------------------------------------------------------------------
@@ -72,14 +106,27 @@ class Trainer:
     def save(self, final: bool = False) -> str:
         """A checkpoint of this step; `final`: the run's end (its last evaluation is done)."""
         parts = self.parts
+        in_flight, sampler = [], parts.sampler.state_dict()
+        if self.ahead is not None:  # the rollouts sampled ahead, and the prompts drawn for them
+            in_flight, sampler = self.ahead.in_flight()
         state = {
             "metrics_records": len(parts.log.read()),
             "final": final,
             "scheduler": parts.scheduler.state_dict(),
-            "sampler": parts.sampler.state_dict(),
+            "sampler": sampler,
             "config": self.config.to_dict(),
             "wall_seconds": self.wall_before + (time.perf_counter() - self.session_started),
         }
+        if in_flight:
+            state["in_flight"] = [
+                {
+                    "step": item.step,
+                    "version": item.version,
+                    "batch": item.batch.state_dict(),
+                    "examples": [dataclasses.asdict(example) for example in item.examples],
+                }
+                for item in in_flight
+            ]
         return parts.checkpointer.save(
             self.step, parts.student, parts.optimizer, parts.tokenizer, state, final=final
         )
@@ -101,6 +148,15 @@ class Trainer:
         self.wall_before = float(state.get("wall_seconds", 0.0))
         parts.log.truncate(state.get("metrics_records"), self.step)
         self.finished = bool(state.get("final", False))
+        self._resumed_in_flight = [
+            InFlight(
+                item["step"],
+                item["version"],
+                RolloutBatch.from_state(item["batch"], parts.device),
+                [Example(**example) for example in item["examples"]],
+            )
+            for item in state.get("in_flight", [])
+        ]
         return True
 
     def _find_checkpoint(self) -> str | None:
@@ -129,6 +185,7 @@ class Trainer:
         self.session_started = time.perf_counter()
         self.finished = False
         if resume and self.restore():
+            self._start_sampling_ahead()
             return
         config = self.config
         if self.parts.dist.is_main:  # rank 0 alone writes the run folder
@@ -139,6 +196,7 @@ class Trainer:
         if config.cold_start_steps:
             self.cold_start()
             self.evaluate()  # step 0 again: the student OPD starts from
+        self._start_sampling_ahead()
 
     def _run_steps(self, resume: bool, stop_after: int | None) -> dict:
         """Train to config.steps (from the latest checkpoint when resuming).
@@ -147,6 +205,14 @@ class Trainer:
         second Ctrl-C aborts at once. stop_after: leave after that many steps of this session
         the same way (saved, resumable), without raising.
         """
+        try:
+            return self._train_to_the_end(resume, stop_after)
+        finally:
+            if self.ahead is not None:  # the sampling thread ends with the session
+                self.ahead.close()
+                self.ahead = None
+
+    def _train_to_the_end(self, resume: bool, stop_after: int | None) -> dict:
         config = self.config
         self._start(resume)
         progress = _progress(config, initial=self.step) if self.parts.dist.is_main else None

@@ -42,6 +42,7 @@ class RolloutEngine:
     name = "engine"
     holds_weights = False  # True: sync_weights after every optimizer step
     seeded = False  # True: generate takes a seed per prompt (drawn from torch's generator)
+    last_sync_bytes = 0  # bytes the last sync_weights moved into the engine
 
     def generate(
         self,
@@ -57,7 +58,8 @@ class RolloutEngine:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load `model`'s current weights into the engine (no-op for an engine that samples
-        the model itself)."""
+        the model itself), and set last_sync_bytes. Under FSDP2 every rank calls it: the
+        weights are gathered a unit at a time (opd_fast.training.distributed.full_state_items)."""
 
     def sleep(self) -> None:
         """Release the engine's memory while the trainer works (where the engine can)."""

@@ -30,6 +30,25 @@ class RolloutBatch:
     # micro-batches scoring forms (`packed`); None, one sequence per row, everywhere else.
     segment_ids: torch.Tensor | None = None
 
+    def state_dict(self) -> dict:
+        """Tensors and lists to save in a checkpoint (from_state rebuilds the batch)."""
+        return {
+            name: getattr(self, name)
+            for name in (
+                "input_ids", "attention_mask", "response_mask", "position_ids", "example_index",
+                "responses", "truncated", "engine_log_probs", "segment_ids",
+            )
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict, device=None) -> RolloutBatch:
+        return cls(
+            **{
+                name: value.to(device) if isinstance(value, torch.Tensor) and device else value
+                for name, value in state.items()
+            }
+        )
+
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())

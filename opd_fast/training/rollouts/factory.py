@@ -19,18 +19,21 @@ def make_engine(
     seed: int = 0,
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
+    unshard: bool = False,
+    own_copy: bool = False,
 ) -> RolloutEngine:
     """The engine `kind` names, sampling `model` (its tokenizer `tokenizer`).
 
     model_path: the directory `model` was loaded from (vLLM builds its engine from it, then
     takes the in-memory weights). batch_size: sequences per HF generate call. seed: the run's
     seed (vLLM's engine seed). max_model_len / max_num_seqs: vLLM's bounds (prompt plus
-    response tokens; sequences in flight).
+    response tokens; sequences in flight). unshard, own_copy: the HF engine's (a sharded
+    model gathered once per rollout phase; an own copy, for rollouts beside training).
     """
     if kind == "hf":
         from opd_fast.training.rollouts.hf import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=batch_size)
+        return HFEngine(model, tokenizer, batch_size=batch_size, unshard=unshard, own_copy=own_copy)
     if kind == "vllm":
         from opd_fast.training.rollouts.vllm import VLLMEngine
 

@@ -1,14 +1,21 @@
 """The `hf` rollout engine: Hugging Face `generate` on the model in this process (KV cache,
-stop at EOS). It samples the live model, so there are no weights to sync. It reports the
-log-prob of every sampled token under the distribution it sampled from (the vocabulary limit,
-temperature and top-p applied), as the vllm engine does.
+stop at EOS). It samples the live model, so there are no weights to sync; or, for rollouts
+that run beside training (max_staleness > 0), its own unsharded copy, refreshed by
+sync_weights. It reports the log-prob of every sampled token under the distribution it
+sampled from (the vocabulary limit, temperature and top-p applied), as the vllm engine does.
+
+A student sharded with FSDP2 would gather every layer at every decoding step; with `unshard`
+the engine gathers the whole model once for a rollout phase and reshards it after
+(opd_fast.training.distributed.unsharded).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from opd_fast.training.distributed import is_sharded
+from opd_fast.training.distributed import fsdp_units, full_state_items, is_sharded, unsharded
 from opd_fast.training.rollouts.base import RolloutEngine, SamplingSettings
 from opd_fast.training.rollouts.batch import RolloutBatch, pack
 
@@ -16,8 +23,33 @@ from opd_fast.training.rollouts.batch import RolloutBatch, pack
 class HFEngine(RolloutEngine):
     name = "hf"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        unshard: bool = False,
+        own_copy: bool = False,
+    ):
+        """unshard: gather a sharded model once per generate call (see the module doc).
+        own_copy: sample an unsharded copy of the model, refreshed by sync_weights."""
+        self.tokenizer, self.batch_size, self.unshard = tokenizer, batch_size, unshard
+        self.holds_weights = own_copy
+        self.model = _unsharded_copy(model) if own_copy else model
+        if own_copy:
+            self.sync_weights(model)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if not self.holds_weights:
+            return
+        moved = 0
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in full_state_items(model, next(self.model.parameters()).dtype):
+                state[name].copy_(tensor)
+                moved += tensor.numel() * tensor.element_size()
+        self.last_sync_bytes = moved
 
     def generate(
         self,
@@ -27,14 +59,32 @@ class HFEngine(RolloutEngine):
         seeds: list[int] | None = None,
         example_index: list[int] | None = None,
     ) -> RolloutBatch:
-        return generate(
-            self.model,
-            self.tokenizer,
-            prompt_ids,
-            settings,
-            batch_size=self.batch_size,
-            example_index=example_index,
-        )
+        with unsharded(self.model) if self.unshard else contextlib.nullcontext():
+            return generate(
+                self.model,
+                self.tokenizer,
+                prompt_ids,
+                settings,
+                batch_size=self.batch_size,
+                example_index=example_index,
+            )
+
+
+def _unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unsharded) model of `model`'s architecture, on its device and in the dtype it
+    computes in; its weights come from sync_weights."""
+    from transformers import AutoModelForCausalLM
+
+    parameter = next(model.parameters())
+    compute = parameter.dtype
+    units = fsdp_units(model)
+    if units:
+        compute = getattr(units[0]._get_fsdp_state()._mp_policy, "param_dtype", None) or compute
+    copy = AutoModelForCausalLM.from_config(
+        model.config, dtype=compute, attn_implementation=model.config._attn_implementation
+    )
+    copy.to(parameter.device).eval().requires_grad_(False)
+    return copy
 
 
 def _generation_config(tokenizer, eos_ids, max_new_tokens, greedy):

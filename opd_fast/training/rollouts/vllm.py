@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from opd_fast.training.distributed import full_state_items
 from opd_fast.training.rollouts.base import EngineUnavailable, RolloutEngine, SamplingSettings
 from opd_fast.training.rollouts.batch import RolloutBatch, pack
 
@@ -112,7 +113,7 @@ class VLLMEngine(RolloutEngine):
         self.architecture = check_architecture(model_path, vllm)
         self.vllm, self.tokenizer = vllm, tokenizer
         parameter = next(model.parameters())
-        self.device = parameter.device
+        self.device, self.dtype = parameter.device, parameter.dtype
         self.output_rows = model.get_output_embeddings().weight.shape[0]
         # The engine core must live in this process: weights are handed over in memory.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -157,14 +158,24 @@ class VLLMEngine(RolloutEngine):
     # ---- weights and memory ------------------------------------------------------------
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy `model`'s parameters and buffers into the engine (vLLM's load_weights maps
-        Hugging Face names onto its fused layers), then drop the now stale prefix cache."""
+        """Copy `model`'s parameters and buffers into the engine, in the engine's dtype (vLLM's
+        load_weights maps Hugging Face names onto its fused layers), then drop the now stale
+        prefix cache. A sharded student is gathered one FSDP unit (a decoder layer) at a time,
+        each unit's tensors consumed by vLLM before the next is gathered: the extra memory is
+        one layer's full tensors, not the whole model."""
         self._wake(["weights"])
-        named = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        moved = [0]
+
+        def counted():
+            for name, tensor in full_state_items(model, self.dtype):
+                moved[0] += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_iterator": counted(), "is_checkpoint_format": True}
         )
         self.llm.reset_prefix_cache()
+        self.last_sync_bytes = moved[0]
 
     def sleep(self) -> None:
         if self.can_sleep and not self.sleeping:

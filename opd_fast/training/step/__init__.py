@@ -24,9 +24,18 @@ from opd_fast.training.step.update import apply_update
 __all__ = ["TrainingDiverged", "train_step"]
 
 
-def train_step(run, step: int, rollouts: tuple[RolloutBatch, list[Example]] | None = None) -> dict:
+def train_step(
+    run,
+    step: int,
+    rollouts: tuple[RolloutBatch, list[Example]] | None = None,
+    *,
+    staleness: int | None = None,
+    sync=None,
+) -> dict:
     """Train step number `step` (1-based) and return its record. rollouts: this rank's
-    (batch, examples) to train on instead of sampling them (tests)."""
+    (batch, examples) to train on instead of sampling them (sampled ahead, or a test's);
+    staleness: how many updates older than the student the weights that sampled them are
+    (logged when given); sync: what stage 4 calls instead of syncing the engine itself."""
     timer = StageTimer()
     run.memory.start()
     with timer.stage("rollout"):
@@ -39,5 +48,5 @@ def train_step(run, step: int, rollouts: tuple[RolloutBatch, list[Example]] | No
     with timer.stage("update"):
         update = apply_update(run, step)
     with timer.stage("sync"):
-        sync_weights(run)
-    return record_step(run, step, rollouts, scored, update, timer, rollout_peak_mib)
+        sync() if sync is not None else sync_weights(run)
+    return record_step(run, step, rollouts, scored, update, timer, rollout_peak_mib, staleness)

@@ -20,6 +20,7 @@ def record_step(
     update: Update,
     timer: StageTimer,
     rollout_peak_mib: float,
+    staleness: int | None = None,
 ) -> dict:
     """The record of step `step` (written to the run log, and returned)."""
     dist = run.dist
@@ -54,6 +55,7 @@ def record_step(
         teacher_tokens_per_s=tokens / max(teacher, 1e-9),
         train_tokens_per_s=tokens / max(train, 1e-9),
         weight_sync_seconds=seconds["sync"],
+        weight_sync_bytes=run.engine.last_sync_bytes,
         step_seconds=seconds["rollout"] + seconds["score"] + seconds["update"] + seconds["sync"],
         # The step's own peaks: its rollouts', and its scoring + update's (the loss path's);
         # over ranks, the largest.
@@ -72,5 +74,7 @@ def record_step(
         computed_tokens_per_real_token=computed / max(real, 1),
     )
     record.update({f"{name}_seconds": value for name, value in seconds.items() if name != "sync"})
+    if staleness is not None:  # rollouts sampled ahead, beside training
+        record["rollout_staleness"] = staleness
     run.log.write(record)
     return record
