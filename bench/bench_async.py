@@ -113,8 +113,10 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="opd-async-")
-    results = {"cpu_count": os.cpu_count(), "staleness": staleness_rows(folder, args.seeds,
-                                                                         args.staleness)}  # fmt: skip
+    results = {
+        "cpu_count": os.cpu_count(),
+        "staleness": staleness_rows(folder, args.seeds, args.staleness),
+    }
     if not args.skip_unshard:
         results["unshard"] = unshard_rows(folder, args.unshard_steps)
     print("\n| max_staleness | gap recovery (mean, min-max) | off-policy gap | staleness max | "
@@ -123,10 +125,11 @@ def main() -> None:
     for bound in args.staleness:
         rows = [r for r in results["staleness"] if r["max_staleness"] == bound]
         recovery = [r["gap_recovery"] for r in rows]
+        gap = statistics.mean(r["rollout_logprob_gap_mean"] for r in rows)
+        step = statistics.median(r["step_seconds_median"] for r in rows)
         print(f"| {bound} | {statistics.mean(recovery):.3f} ({min(recovery):.3f}-"
-              f"{max(recovery):.3f}) | {statistics.mean(r['rollout_logprob_gap_mean'] for r in rows):.2e}"
-              f" | {max(r['staleness_max'] for r in rows)} | "
-              f"{statistics.median(r['step_seconds_median'] for r in rows):.2f} |")  # fmt: skip
+              f"{max(recovery):.3f}) | {gap:.2e} | {max(r['staleness_max'] for r in rows)} | "
+              f"{step:.2f} |")  # fmt: skip
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)
