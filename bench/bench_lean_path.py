@@ -95,6 +95,9 @@ def start_server(kind: str, teacher: str, folder: str, vllm_python: str):
     return process, keys
 
 
+MALLOC_ENV: dict = {}  # --malloc-mmap-threshold: the C allocator's policy for every run
+
+
 def run_training(config: dict, ranks: int, folder: str, name: str) -> list[dict]:
     path = os.path.join(folder, f"{name}.json")
     with open(path, "w") as handle:
@@ -102,7 +105,7 @@ def run_training(config: dict, ranks: int, folder: str, name: str) -> list[dict]
     command = [sys.executable, "-m", "opd_fast", "train", "--config", path]
     if ranks > 1:
         command += ["--nproc-per-node", str(ranks)]
-    env = dict(os.environ, OPD_FAST_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OPD_FAST_THREADS="1", OMP_NUM_THREADS="1", **MALLOC_ENV)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -162,8 +165,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--vllm-python", default="/work/venv-vllm/bin/python")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        help="bytes: glibc's fixed mmap threshold for the runs (MALLOC_MMAP_THRESHOLD_). By "
+        "default it grows to 32 MiB as blocks are freed, and freed blocks under it stay "
+        "resident: RSS then keeps what scoring freed, not only what it holds",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.malloc_mmap_threshold:
+        MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
 
     folder = tempfile.mkdtemp(prefix="opd-lean-")
     tokenizer = tiny_tokenizer()

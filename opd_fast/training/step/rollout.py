@@ -99,6 +99,9 @@ class RolloutsAhead:
         self.changed = threading.Condition()
         self.error: BaseException | None = None
         self.stopping = False
+        # A new thread starts with OpenMP's default thread count, not the trainer's; vLLM's CPU
+        # attention checks that its metadata and its forward agree on the count.
+        self.threads = torch.get_num_threads()
         self.thread = threading.Thread(target=self._sample_ahead, name="opd-rollouts", daemon=True)
         self.thread.start()
 
@@ -107,6 +110,7 @@ class RolloutsAhead:
 
     def _sample_ahead(self) -> None:
         config, dist = self.run.config, self.run.dist
+        torch.set_num_threads(self.threads)
         try:
             while True:
                 with self.changed:
