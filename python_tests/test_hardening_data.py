@@ -159,12 +159,12 @@ def _bpe_tokenizer():
 def test_a_bpe_prompt_over_the_character_bound_is_refused_untokenized():
     bpe = _bpe_tokenizer()
     longest = max(map(len, bpe.get_vocab()))
-    assert data_module._longest_token_chars(bpe) == longest
     spy = _Spy(bpe)
     text = "what is e017 plus 4 ? " * 200_000
     with pytest.raises(ValueError, match=rf"has {len(text)} characters.*at most {250 * longest} "):
         check_prompt_lengths([Example(text, "11", "big:1")], "{prompt}", spy, 6, 256)
     assert spy.longest == 0  # refused by its length alone
+    assert data_module._longest_token_chars(bpe) == longest
 
 
 MEASURE = textwrap.dedent(
