@@ -21,7 +21,9 @@ from opd_fast.training.checkpoints import (
     CheckpointError,
     find_checkpoint,
     latest_checkpoint,
+    read_metrics_copy,
     set_rng_state,
+    tidy,
 )
 from opd_fast.training.config import TrainConfig, make_config
 from opd_fast.training.data import Example
@@ -72,8 +74,9 @@ class Trainer:
     def save(self, final: bool = False) -> str:
         """A checkpoint of this step; `final`: the run's end (its last evaluation is done)."""
         parts = self.parts
+        lines = parts.log.lines()  # kept in the checkpoint: resume restores a lost log from it
         state = {
-            "metrics_records": len(parts.log.read()),
+            "metrics_records": len(lines),
             "final": final,
             "scheduler": parts.scheduler.state_dict(),
             "sampler": parts.sampler.state_dict(),
@@ -81,7 +84,13 @@ class Trainer:
             "wall_seconds": self.wall_before + (time.perf_counter() - self.session_started),
         }
         return parts.checkpointer.save(
-            self.step, parts.student, parts.optimizer, parts.tokenizer, state, final=final
+            self.step,
+            parts.student,
+            parts.optimizer,
+            parts.tokenizer,
+            state,
+            final=final,
+            metrics_lines=lines,
         )
 
     def restore(self) -> bool:
@@ -99,7 +108,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.wall_before = float(state.get("wall_seconds", 0.0))
-        parts.log.truncate(state.get("metrics_records"), self.step)
+        saved = read_metrics_copy(path) if parts.dist.is_main else None
+        parts.log.truncate(state.get("metrics_records"), self.step, saved)
         self.finished = bool(state.get("final", False))
         return True
 
@@ -134,6 +144,7 @@ class Trainer:
         if self.parts.dist.is_main:  # rank 0 alone writes the run folder
             if os.path.exists(self.parts.log.path):
                 os.remove(self.parts.log.path)  # a fresh run starts a fresh log
+            tidy(config.run_dir)  # what killed saves left behind
             write_json(os.path.join(config.run_dir, "config.json"), config.to_dict())
         self.evaluate(with_teacher=True)
         if config.cold_start_steps:
