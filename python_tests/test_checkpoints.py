@@ -110,8 +110,8 @@ def test_damaged_pointer_is_not_trusted(tmp_path, tiny, uninterrupted):
     [
         ("truncate_weights", r"model/model\.safetensors has \d+ bytes, its manifest says"),
         ("flip_weights", r"model/model\.safetensors does not match its checksum"),
-        ("flip_state", r"trainer_state\.pt does not match its checksum"),
-        ("remove_state", r"trainer_state\.pt is missing"),
+        ("flip_state", r"trainer_state\.safetensors does not match its checksum"),
+        ("remove_state", r"trainer_state\.safetensors is missing"),
         ("garbage_manifest", r"manifest\.json is unreadable"),
     ],
 )
@@ -122,7 +122,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(
     _stopped_run(tiny, run_dir)
     newest = os.path.join(run_dir, "checkpoints", "step_000002")
     weights = os.path.join(newest, "model", "model.safetensors")
-    state = os.path.join(newest, "trainer_state.pt")
+    state = os.path.join(newest, ckpt.TRAINER_STATE)
     if damage == "truncate_weights":
         os.truncate(weights, os.path.getsize(weights) // 2)
     elif damage in ("flip_weights", "flip_state"):
@@ -147,8 +147,8 @@ def test_history_without_a_usable_checkpoint_refuses_to_start_over(tmp_path, tin
     _stopped_run(tiny, run_dir)
     lines_before = len(MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read())
     for name in _steps(run_dir):
-        os.remove(os.path.join(run_dir, "checkpoints", name, "trainer_state.pt"))
-    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint.*trainer_state.pt"):
+        os.remove(os.path.join(run_dir, "checkpoints", name, ckpt.TRAINER_STATE))
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint.*trainer_state"):
         _resume(tiny, run_dir)
     shutil.rmtree(os.path.join(run_dir, "checkpoints"))
     with pytest.raises(ckpt.CheckpointError, match="2 trained steps in metrics.jsonl but no"):

@@ -355,10 +355,11 @@ def test_two_rank_run_resumes_exactly_and_exports(tmp_path, tiny):
     assert sorted(os.listdir(final)) == [
         "dcp",
         "manifest.json",
+        "metrics.jsonl",
         "model",
-        "rank_00000.pt",
-        "rank_00001.pt",
-        "trainer_state.pt",
+        "rank_00000.safetensors",
+        "rank_00001.safetensors",
+        "trainer_state.safetensors",
     ]
 
     # Stopped after 2 steps (a checkpoint), resumed through `opd-fast train --nproc-per-node 2`.

@@ -548,8 +548,9 @@ def test_unreachable_server_raises_after_bounded_retries():
 def test_connections_over_the_limit_get_503_and_are_retried(make_server):
     server = make_server(max_connections=1)
     holder = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    try:
-        time.sleep(0.2)  # the held connection owns the only slot
+    try:  # a connection takes a slot with its first request (kept alive), not when it opens
+        holder.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert holder.recv(1024).startswith(b"HTTP/1.1 200")  # the held connection owns the slot
         status, headers, data = _raw(server.url, "GET", "/health")
         assert status == 503 and headers["Retry-After"] == "1"
         assert "too many connections" in json.loads(data)["error"]

@@ -38,18 +38,43 @@ def add_serve_teacher_parser(commands) -> None:
         ("max_batch_sequences", "sequences per request and per forward"),
         ("max_batch_tokens", "padded tokens per request and per forward"),
         ("max_queue", "queued requests before 503"),
-        ("max_connections", "open connections before 503"),
+        ("max_connections", "connections with an authenticated request before 503"),
+        ("max_pending_connections", "connections not yet authenticated before 503"),
     ):
         parser.add_argument(
             "--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text
         )
     parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms)
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="seconds a new connection has for its whole request head (408 after)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     parser.set_defaults(handler=serve_teacher)
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _enough_file_descriptors(needed: int) -> None:
+    """Raise the soft limit on open files to `needed` (a socket per connection, the model's
+    files); a common soft limit of 1024 would refuse connections before the server's limits."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if wanted < needed:
+        print(
+            f"opd-fast serve-teacher: warning: {wanted} open files allowed (ulimit -n), fewer "
+            f"than the {needed} the connection limits need; lower --max-pending-connections",
+            file=sys.stderr,
+        )
 
 
 def serve_teacher(args) -> int:
@@ -60,6 +85,8 @@ def serve_teacher(args) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
         max_connections=args.max_connections,
+        max_pending_connections=args.max_pending_connections,
+        header_timeout_s=args.header_timeout_s,
         batch_wait_ms=args.batch_wait_ms,
     )
     if args.token == "":  # given, or $OPD_TEACHER_TOKEN set, but empty: not "no token"
@@ -73,6 +100,7 @@ def serve_teacher(args) -> int:
             "anyone who can reach it can use the model (set --token or $OPD_TEACHER_TOKEN)",
             file=sys.stderr,
         )
+    _enough_file_descriptors(limits.max_connections + limits.max_pending_connections + 256)
     scorer = Scorer.from_path(args.model, args.device, args.dtype, args.attn_implementation)
     server = TeacherServer(scorer, args.host, args.port, args.token, limits, args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)

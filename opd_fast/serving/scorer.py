@@ -40,7 +40,11 @@ class ServerLimits:
     max_batch_sequences: int = 256
     max_batch_tokens: int = 32_768
     max_queue: int = 1024  # requests waiting for the model; more get 503 + Retry-After
-    max_connections: int = 256  # open connections (a thread each); more get 503
+    # connections with an authenticated request (a thread each, while they stay open); more 503
+    max_connections: int = 256
+    # connections not authenticated yet (a thread each, for header_timeout_s at most); more 503
+    max_pending_connections: int = 1024
+    header_timeout_s: float = 10.0  # a new connection's whole request head, or 408
     batch_wait_ms: float = 2.0  # how long the first queued request waits for company
     request_timeout_s: float = 600.0  # a request not scored by then gets 503
 
@@ -51,6 +55,7 @@ class ServerLimits:
             "max_batch_sequences",
             "max_queue",
             "max_connections",
+            "max_pending_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"server limits: {name} must be >= 1, got {getattr(self, name)}")
@@ -61,6 +66,10 @@ class ServerLimits:
             )
         if not self.batch_wait_ms >= 0:
             raise ValueError(f"server limits: batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if not self.header_timeout_s > 0:
+            raise ValueError(
+                f"server limits: header_timeout_s must be > 0, got {self.header_timeout_s}"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -129,10 +138,15 @@ def _ids(arrays, name: str, shape: tuple, shape_note: str, limit: int, limit_nam
 
 
 def parse_score_request(
-    body: bytes, limits: ServerLimits, model_rows: int, max_k: int = MAX_K
+    body: bytes,
+    limits: ServerLimits,
+    model_rows: int,
+    max_k: int = MAX_K,
+    max_positions: int | None = None,
 ) -> ScoreJob:
     """Decode and validate a score request; raises RequestError (400 malformed, 422 values or
-    limits) with a message naming the problem."""
+    limits) with a message naming the problem. max_positions: the model's position limit
+    (max_position_embeddings; None: none)."""
     try:
         header, arrays = protocol.decode_frame(body)
     except protocol.ProtocolError as error:
@@ -197,6 +211,12 @@ def parse_score_request(
             422,
             f"a sequence has {longest} tokens; this server's max_seq_len is {limits.max_seq_len}",
         )
+    if max_positions is not None and longest > max_positions:  # beyond: invented positions
+        raise RequestError(
+            422,
+            f"a sequence has {longest} tokens; the model takes at most {max_positions} "
+            "positions (max_position_embeddings)",
+        )
     if len(lengths) * longest > limits.max_batch_tokens:
         raise RequestError(
             422,
@@ -245,6 +265,7 @@ class Scorer:
         self.dtype = next(model.parameters()).dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.fingerprint = tokenizer_fingerprint(tokenizer)
 
     @classmethod
@@ -266,6 +287,7 @@ class Scorer:
             "tokenizer_size": len(self.tokenizer),
             "tokenizer_fingerprint": self.fingerprint,
             "max_k": self.max_k,
+            "max_positions": self.max_positions,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
         }

@@ -13,8 +13,15 @@ and scores them with one padded forward, each request waiting on its own future.
 Security defaults: binds 127.0.0.1 unless told otherwise; with a token, every request but
 /health needs `Authorization: Bearer <token>` (constant-time compare) or gets 401. Bodies over
 max_request_bytes get 413 (the body is discarded, never parsed), requests over the sequence /
-batch limits or with out-of-range values 422, malformed ones 400, a full queue 503 +
-Retry-After; errors are JSON {"error": message, "status": code} and the server keeps serving.
+batch limits, the model's positions or with out-of-range values 422, malformed ones 400, a full
+queue 503 + Retry-After; errors are JSON {"error": message, "status": code} and the server
+keeps serving.
+
+Slow and unauthenticated clients cannot crowd out the others: a new connection's whole request
+head (request line and headers) must arrive within header_timeout_s (else 408), and only an
+authenticated request gives its connection one of the max_connections slots (kept while it
+stays open). Until then a connection is one of at most max_pending_connections, answered once
+and closed.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import hmac
+import io
 import json
 import sys
 import threading
@@ -38,6 +46,71 @@ from opd_fast.serving.scorer import (
 from opd_fast.wire import protocol
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_HEAD_BYTES = 65_536  # request line + headers (431 above)
+_READ = 65_536
+_REASONS = {
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def _plain_answer(status: int, message: str, headers: dict | None = None) -> bytes:
+    """A whole JSON error response, for answers sent before (or instead of) parsing a request."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    lines = [f"HTTP/1.1 {status} {_REASONS[status]}", f"Content-Type: {protocol.JSON_TYPE}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+class _Ticket:
+    """A connection's claim on the server: a pending place until a request on it is
+    authenticated (admit), then one of the max_connections slots, until it closes."""
+
+    def __init__(self, pending: threading.BoundedSemaphore, slots: threading.BoundedSemaphore):
+        self.accepted = time.monotonic()
+        self._pending, self._slots = pending, slots
+        self.admitted = self._released = False
+
+    def admit(self) -> bool:
+        if not self.admitted:
+            if not self._slots.acquire(blocking=False):
+                return False
+            self._pending.release()
+            self.admitted = True
+        return True
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            (self._slots if self.admitted else self._pending).release()
+
+
+class _Replay(io.RawIOBase):
+    """A socket's raw reader that first hands back the bytes pushed back into it: the request
+    head, read ahead under its deadline, and whatever came along with it."""
+
+    def __init__(self, raw):
+        self._raw, self._pending = raw, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def push_back(self, data: bytes) -> None:
+        self._pending = data + self._pending
+
+    def readinto(self, buffer) -> int:
+        if self._pending:
+            count = min(len(buffer), len(self._pending))
+            buffer[:count] = self._pending[:count]
+            self._pending = self._pending[count:]
+            return count
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class _Overloaded(Exception):
@@ -134,13 +207,76 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _HTTPServer
 
+    def __init__(self, request, client_address, server, ticket: _Ticket):
+        self.ticket = ticket
+        super().__init__(request, client_address, server)
+
     # ---- plumbing --------------------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # read through _Replay instead (the socket stays open)
+        self._replay = _Replay(self.connection.makefile("rb", buffering=0))
+        self.rfile = io.BufferedReader(self._replay, _READ)
+
+    def handle_one_request(self):
+        """Read the request head under its deadline (a new connection's: header_timeout_s
+        from its accept; an authenticated keep-alive connection may idle `timeout` seconds),
+        then handle the request as http.server does."""
+        if self.ticket.admitted:
+            deadline = time.monotonic() + self.timeout
+        else:
+            deadline = self.ticket.accepted + self.server.limits.header_timeout_s
+        head = self._read_head(deadline)
+        if head is None:
+            self.close_connection = True
+            return
+        self._replay.push_back(head)
+        self.connection.settimeout(self.timeout)
+        super().handle_one_request()
+
+    def _read_head(self, deadline: float) -> bytes | None:
+        """The request head through its blank line (with any bytes that came after it), or
+        None when the connection is done: closed, over MAX_HEAD_BYTES (431) or late (408)."""
+        head, searched = bytearray(), 0
+        while head.find(b"\n\n", searched) < 0 and head.find(b"\n\r\n", searched) < 0:
+            searched = max(len(head) - 2, 0)
+            if len(head) > MAX_HEAD_BYTES:
+                self._refuse(431, f"the request head exceeds {MAX_HEAD_BYTES} bytes")
+                return None
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(_READ)
+            except TimeoutError:
+                if head or not self.ticket.admitted:  # an idle keep-alive one just closes
+                    limit = self.server.limits.header_timeout_s
+                    self._refuse(408, f"the request head did not arrive within {limit:g} s")
+                return None
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            head += chunk
+        return bytes(head)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.close_connection = True
+        try:
+            self.connection.settimeout(1.0)
+            self.connection.sendall(_plain_answer(status, message))
+        except OSError:
+            pass
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         if self.server.verbose:
             super().log_message(format, *args)
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
+        if not self.ticket.admitted:  # answered once, then closed: it holds no slot
+            self.close_connection = True
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -166,8 +302,16 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if self.headers.get("Transfer-Encoding") or not 0 <= length <= limit:
             return False
+        # an unauthenticated sender gets header_timeout_s for it, not `timeout` per read
+        deadline = None
+        if not self.ticket.admitted:
+            deadline = time.monotonic() + self.server.limits.header_timeout_s
         try:
             while length > 0:
+                if deadline is not None:
+                    if deadline <= time.monotonic():
+                        return False
+                    self.connection.settimeout(deadline - time.monotonic())
                 chunk = self.rfile.read(min(length, 1 << 20))
                 if not chunk:
                     return False
@@ -204,13 +348,25 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return False
 
+    def _admit(self, has_body: bool) -> bool:
+        """Authenticate the request and give its connection a slot (kept while it stays
+        open); False when it was answered instead: 401, or 503 when every slot is taken."""
+        if not self._authorised(has_body):
+            return False
+        if self.ticket.admit():
+            return True
+        self._error(503, "too many connections; retry", {"Retry-After": "1"}, unread_body=has_body)
+        return False
+
     # ---- routes ----------------------------------------------------------------------
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
-        if path == "/health":
+        if path == "/health":  # with a token: answered without a slot, then closed
+            if self.server.token is None and not self._admit(has_body=False):
+                return None
             return self._json(200, {"status": "ok"})
-        if not self._authorised(has_body=False):
+        if not self._admit(has_body=False):
             return None
         if path == "/v1/model-info":
             info = dict(self.server.scorer.info())
@@ -223,7 +379,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
-        if not self._authorised(has_body=True):
+        if not self._admit(has_body=True):
             return None
         if path != "/v1/score":
             return self._error(404, f"no such endpoint {path}; POST /v1/score", unread_body=True)
@@ -251,7 +407,10 @@ class _Handler(BaseHTTPRequestHandler):
                 400, f"body ended after {len(body)} of {length} bytes", unread_body=True
             )
         try:
-            job = parse_score_request(body, self.server.limits, self.server.scorer.vocab_size)
+            scorer = self.server.scorer
+            job = parse_score_request(
+                body, self.server.limits, scorer.vocab_size, max_positions=scorer.max_positions
+            )
         except RequestError as error:
             return self._error(error.status, error.message)
         try:
@@ -289,33 +448,41 @@ class _HTTPServer(ThreadingHTTPServer):
         self.drain_limit = 4 * limits.max_request_bytes
         self.token = None if token is None else token.encode()
         self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._pending = threading.BoundedSemaphore(limits.max_pending_connections)
         super().__init__(address, _Handler)
 
     def process_request(self, request, client_address):
-        """One thread per connection, at most max_connections at once; the next get 503."""
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps({"error": "too many connections; retry", "status": 503}).encode()
-            head = (
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-            )
+        """One thread per connection: at most max_pending_connections not yet authenticated
+        (each for at most header_timeout_s before its head is in) and max_connections
+        authenticated ones (see _Ticket); the next get 503."""
+        if not self._pending.acquire(blocking=False):
             try:
-                request.sendall(head.encode() + body)
+                request.sendall(
+                    _plain_answer(503, "too many connections; retry", {"Retry-After": "1"})
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
             return
+        ticket = _Ticket(self._pending, self._slots)
+        thread = threading.Thread(
+            target=self._serve, args=(request, client_address, ticket), daemon=True
+        )
         try:
-            super().process_request(request, client_address)
+            thread.start()
         except BaseException:
-            self._slots.release()
+            ticket.release()
+            self.shutdown_request(request)
             raise
 
-    def process_request_thread(self, request, client_address):
+    def _serve(self, request, client_address, ticket: _Ticket) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.RequestHandlerClass(request, client_address, self, ticket)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._slots.release()
+            ticket.release()
+            self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
         if self.verbose:

@@ -20,6 +20,7 @@ import yaml
 from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
+from opd_fast.training.data import file_kind
 from opd_fast.training.distributed import env_world_size
 from opd_fast.training.loggers import parse_loggers
 
@@ -353,10 +354,9 @@ def _check_paths(config: TrainConfig) -> None:
             continue
         if not os.path.exists(path):
             raise ValueError(f"config: {name} path does not exist: {path}")
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"config: {name} must be a JSONL or Parquet file, not a folder: {path}"
-            )
+        kind = file_kind(path)  # a device or a FIFO would be read forever
+        if kind is not None:
+            raise ValueError(f"config: {name} must be a JSONL or Parquet file, not {kind}: {path}")
     if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
         raise ValueError(f"config: run_dir exists and is not a folder: {config.run_dir}")
 

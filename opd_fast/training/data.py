@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 
 
@@ -28,7 +30,70 @@ def _example(row, path: str, where: str) -> Example:
     answer = row["answer"]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise ValueError(f"{where}: 'answer' must be text or a number, got {answer!r}")
+    if isinstance(answer, float) and not math.isfinite(answer):  # JSON's NaN would grade as "nan"
+        raise ValueError(f"{where}: 'answer' must be a finite number, got {answer!r}")
+    if isinstance(answer, str) and not answer.strip():
+        raise ValueError(f"{where}: 'answer' must be non-empty text, got {answer!r}")
     return Example(prompt=row["prompt"], answer=str(answer), source=where)
+
+
+def file_kind(path: str) -> str | None:
+    """None for a regular file (or a link to one), else what `path` is instead ("a folder",
+    "a FIFO (named pipe)", ...): reading a device or a FIFO may never end."""
+    mode = os.stat(path).st_mode
+    for test, kind in (
+        (stat.S_ISREG, None),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _decode(raw: bytes, where: str, first: bool) -> str:
+    """One line of a JSONL file as text; ValueError naming the line and the byte otherwise.
+    A UTF-8 byte-order mark at the file's start is allowed."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as error:
+        hint = ""
+        if first and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = "; the file starts with a UTF-16 byte-order mark: save it as UTF-8"
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} "
+            f"of the line){hint}"
+        ) from None
+
+
+def _parquet_rows(path: str) -> list:
+    """The rows of a Parquet file; a value that is not valid UTF-8 is named by row and column."""
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError as error:
+        raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)") from error
+    try:
+        table = parquet.read_table(path)
+    except Exception as error:  # pyarrow raises its own types for a damaged file
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        pass  # find the row: only a damaged file pays for the row-by-row pass
+    for name in table.column_names:
+        column = table.column(name)
+        for index in range(len(column)):
+            try:
+                column[index].as_py()
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}: row {index}: '{name}' is not valid UTF-8 (byte "
+                    f"0x{error.object[error.start]:02x} at byte {error.start + 1})"
+                ) from None
+    raise ValueError(f"{path}: not valid UTF-8")  # to_pylist failed, no single value does
 
 
 def load_examples(path: str) -> list[Example]:
@@ -36,30 +101,27 @@ def load_examples(path: str) -> list[Example]:
     and the line (JSONL) or row (Parquet)."""
     if not os.path.exists(path):
         raise ValueError(f"dataset not found: {path}")
-    if not os.path.isfile(path):
-        raise ValueError(f"dataset is not a file: {path}")
+    kind = file_kind(path)
+    if kind is not None:
+        raise ValueError(f"dataset must be a JSONL or Parquet file, not {kind}: {path}")
     examples = []
     if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as parquet
-        except ImportError as error:
-            raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)") from error
-        try:
-            rows = parquet.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises its own types for a damaged file
-            raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
-        for index, row in enumerate(rows):
+        for index, row in enumerate(_parquet_rows(path)):
             examples.append(_example(row, path, f"{path}: row {index}"))
     else:
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, 1):
+                if not raw.strip():
                     continue
                 where = f"{path}:{line_number}"
+                line = _decode(raw, where, first=line_number == 1)
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+                    hint = " (the line holds NUL bytes: UTF-16? save it as UTF-8)"
+                    raise ValueError(
+                        f"{where}: not valid JSON ({error.msg}){hint if chr(0) in line else ''}"
+                    ) from None
                 examples.append(_example(row, path, where))
     if not examples:
         raise ValueError(f"dataset is empty: {path}")
@@ -71,8 +133,40 @@ def check_prompt_lengths(
 ) -> int:
     """The longest rendered prompt, in tokens. ValueError naming the first example whose
     prompt plus max_new_tokens does not fit the model's `positions` (beyond them a model
-    repeats or invents positions, silently); None: no limit to check."""
+    repeats or invents positions, silently); None: no limit to check.
+
+    The work is bounded whatever the data: a prompt longer in characters than `positions`
+    tokens of the tokenizer's longest entry can hold is refused without tokenizing it (BPE
+    tokenizers, where a token never covers more characters than its entry), and a long one
+    is tokenized a piece at a time, stopping once it is over the limit."""
     rendered = [render_prompt(example, template, tokenizer) for example in examples]
+    if positions:
+        budget = positions - max_new_tokens  # prompt tokens that fit
+        if budget < 1:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                f"{positions} positions (max_position_embeddings)"
+            )
+        longest_entry = _longest_token_chars(tokenizer)
+        for example, text in zip(examples, rendered):
+            if longest_entry is not None and len(text) > budget * longest_entry:
+                raise ValueError(
+                    f"{example.source or 'a prompt'}: the prompt has {len(text)} characters; "
+                    f"with max_new_tokens={max_new_tokens} the model's {positions} positions "
+                    f"(max_position_embeddings) leave {budget} tokens for it, at most "
+                    f"{budget * longest_entry} characters (the tokenizer's longest "
+                    f"entry has {longest_entry})"
+                )
+            if len(text) > _PIECE_TOKENS * budget:
+                at_least = _tokens_beyond(tokenizer, text, budget)
+                if at_least is not None:
+                    raise ValueError(
+                        f"{example.source or 'a prompt'}: the prompt is at least {at_least} "
+                        f"tokens ({len(text)} characters, counted until over the limit); with "
+                        f"max_new_tokens={max_new_tokens} it needs at least "
+                        f"{at_least + max_new_tokens} positions, but the model has {positions} "
+                        "(max_position_embeddings)"
+                    )
     encoded = tokenizer(rendered, add_special_tokens=True)["input_ids"]
     for example, ids in zip(examples, encoded):
         length = len(ids)
@@ -83,6 +177,42 @@ def check_prompt_lengths(
                 f"but the model has {positions} (max_position_embeddings)"
             )
     return max((len(ids) for ids in encoded), default=0)
+
+
+# Characters per token a piece of a long prompt is cut at (no real text has more); a prompt
+# longer than this many characters per token of its budget is counted piece by piece.
+_PIECE_TOKENS = 16
+
+
+def _longest_token_chars(tokenizer) -> int | None:
+    """The most characters one token of `tokenizer` can cover, when that is bounded: a BPE
+    model's tokens are its vocabulary entries (bytes, or characters with a marker for the
+    space), so none covers more characters than the longest entry. None for other models (a
+    word-level or WordPiece unknown token stands for a word of any length) and slow ones."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return None
+    return max(map(len, tokenizer.get_vocab()), default=0) or None
+
+
+def _tokens_beyond(tokenizer, text: str, budget: int) -> int | None:
+    """A lower bound on the tokens of `text` once it exceeds `budget`, found by tokenizing
+    pieces of _PIECE_TOKENS * budget characters (cut at a space), stopping at the first bound
+    over `budget`; None when the whole text is counted and stays within it. A cut can add a
+    token (a split word), so each piece's count is taken one lower."""
+    piece = _PIECE_TOKENS * budget
+    counted, start = 0, 0
+    while start < len(text):
+        end = min(start + piece, len(text))
+        if end < len(text):
+            space = text.rfind(" ", start + piece // 2, end)
+            end = space if space > start else end
+        tokens = len(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        counted += max(tokens - 1, 0)
+        if counted > budget:
+            return counted
+        start = end
+    return None
 
 
 def render_prompt(example: Example, template: str, tokenizer) -> str:
@@ -96,6 +226,8 @@ def render_prompt(example: Example, template: str, tokenizer) -> str:
             tokenize=False,
             add_generation_prompt=True,
         )
+    if template == "{prompt}":  # the default: no copy of a long prompt
+        return example.prompt
     try:
         return template.format(prompt=example.prompt)
     except (KeyError, IndexError) as error:

@@ -115,7 +115,10 @@ class SilentLog(MetricsLog):
     def read(self) -> list[dict[str, Any]]:
         return []
 
-    def truncate(self, records: int | None, step: int) -> None:
+    def lines(self) -> list[str]:
+        return []
+
+    def truncate(self, records: int | None, step: int, saved: list[str] | None = None) -> None:
         pass
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,25 +132,65 @@ class MetricsLog:
             parsed.append((line if line.endswith("\n") else line + "\n", record))
         return parsed
 
-    def truncate(self, records: int | None, step: int) -> None:
+    def truncate(self, records: int | None, step: int, saved: list[str] | None = None) -> None:
         """On resume: keep the first `records` records, those written before the checkpoint
         (None, for a checkpoint that did not count them: those of steps up to `step`), and drop
-        a torn last line, so the file reads as if the run had never stopped."""
-        if not os.path.exists(self.path):
-            return
-        lines = self._lines()
+        a torn last line, so the file reads as if the run had never stopped.
+
+        saved: the checkpoint's copy of those records. A file deleted, cut short, damaged or
+        differing from it is restored from it, with a warning; without a copy (a checkpoint
+        of format 1), missing records are named in a warning."""
+        if saved is not None and records is not None and len(saved) != records:
+            saved = None  # a copy that does not match its own count is no help
+        try:
+            lines = self._lines()
+        except ValueError as error:  # a damaged line mid-file
+            if saved is None:
+                raise
+            warnings.warn(f"{error}; restored from the checkpoint of step {step}", stacklevel=2)
+            lines = []
         if records is None:
-            kept = [line for line, record in lines if record["step"] <= step]
+            kept = [line for line, record in lines if record.get("step", 0) <= step]
         else:
             kept = [line for line, _ in lines[:records]]
+            if saved is not None and kept != saved:
+                warnings.warn(
+                    f"{self.path} holds {len(lines)} records; its first {records}, those before "
+                    f"checkpoint step {step}, are not the checkpoint's (deleted, cut short or "
+                    "changed): restored from the checkpoint's copy",
+                    stacklevel=2,
+                )
+                kept = list(saved)
+            elif len(kept) < records:
+                warnings.warn(
+                    f"{self.path} holds {len(kept)} of the {records} records written before "
+                    f"checkpoint step {step} (deleted or cut short); the checkpoint keeps no "
+                    f"copy (written by an older opd_fast), so {records - len(kept)} are lost",
+                    stacklevel=2,
+                )
+        if not kept and not os.path.exists(self.path):
+            return
         temporary = self.path + ".tmp"
-        with open(temporary, "w") as handle:
-            handle.writelines(kept)
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "w") as handle:
+                handle.writelines(kept)
+            os.replace(temporary, self.path)
+        except OSError as error:  # the old file is untouched
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise OSError(error.errno, f"cannot rewrite {self.path}: {error.strerror}") from None
+
+    def lines(self) -> list[str]:
+        """Every record's line as written (what a checkpoint keeps a copy of)."""
+        return [line for line, _ in self._lines()]
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({key: _clean(value) for key, value in record.items()}) + "\n")
+        line = json.dumps({key: _clean(value) for key, value in record.items()}) + "\n"
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(line)
+        except OSError as error:  # a full disk: say which file (a torn line is dropped later)
+            raise OSError(error.errno, f"cannot append to {self.path}: {error.strerror}") from None
 
     def read(self) -> list[dict[str, Any]]:
         return [record for _, record in self._lines()]

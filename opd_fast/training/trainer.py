@@ -24,7 +24,9 @@ from opd_fast.training.checkpoints import (
     CheckpointError,
     find_checkpoint,
     latest_checkpoint,
+    read_metrics_copy,
     set_rng_state,
+    tidy,
 )
 from opd_fast.training.config import TrainConfig, make_config
 from opd_fast.training.data import Example
@@ -109,8 +111,9 @@ class Trainer:
         in_flight, sampler = [], parts.sampler.state_dict()
         if self.ahead is not None:  # the rollouts sampled ahead, and the prompts drawn for them
             in_flight, sampler = self.ahead.in_flight()
+        lines = parts.log.lines()  # kept in the checkpoint: resume restores a lost log from it
         state = {
-            "metrics_records": len(parts.log.read()),
+            "metrics_records": len(lines),
             "final": final,
             "scheduler": parts.scheduler.state_dict(),
             "sampler": sampler,
@@ -128,7 +131,13 @@ class Trainer:
                 for item in in_flight
             ]
         return parts.checkpointer.save(
-            self.step, parts.student, parts.optimizer, parts.tokenizer, state, final=final
+            self.step,
+            parts.student,
+            parts.optimizer,
+            parts.tokenizer,
+            state,
+            final=final,
+            metrics_lines=lines,
         )
 
     def restore(self) -> bool:
@@ -146,7 +155,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.wall_before = float(state.get("wall_seconds", 0.0))
-        parts.log.truncate(state.get("metrics_records"), self.step)
+        saved = read_metrics_copy(path) if parts.dist.is_main else None
+        parts.log.truncate(state.get("metrics_records"), self.step, saved)
         self.finished = bool(state.get("final", False))
         self._resumed_in_flight = [
             InFlight(
@@ -191,6 +201,7 @@ class Trainer:
         if self.parts.dist.is_main:  # rank 0 alone writes the run folder
             if os.path.exists(self.parts.log.path):
                 os.remove(self.parts.log.path)  # a fresh run starts a fresh log
+            tidy(config.run_dir)  # what killed saves left behind
             write_json(os.path.join(config.run_dir, "config.json"), config.to_dict())
         self.evaluate(with_teacher=True)
         if config.cold_start_steps:

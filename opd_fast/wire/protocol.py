@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -54,6 +55,11 @@ JSON_TYPE = "application/json"
 DTYPES = {"int32": np.dtype("<i4"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 _NAMES = {value: key for key, value in DTYPES.items()}
 _PREFIX = struct.Struct("<4sI")
+# A valid header is a few KiB nested 4 deep; bounded so that no header costs a deep recursion
+# (json.loads raises RecursionError) or a large parse before it is refused.
+MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 32
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
 class ProtocolError(ValueError):
@@ -76,8 +82,19 @@ def encode_frame(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *blobs])
 
 
-def decode_frame(body: bytes, max_elements: int = 1 << 31) -> tuple[dict, dict[str, np.ndarray]]:
-    """One frame -> (header, {name: read-only array}); raises ProtocolError on anything off."""
+def _nesting(text: bytes) -> int:
+    """How deep the brackets of a JSON text nest (those inside strings left out)."""
+    codes = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
+    opened = (codes == ord("[")).astype(np.int64) + (codes == ord("{"))
+    closed = (codes == ord("]")).astype(np.int64) + (codes == ord("}"))
+    return int(np.cumsum(opened - closed).max(initial=0))
+
+
+def decode_frame(
+    body: bytes, max_elements: int = 1 << 31, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """One frame -> (header, {name: read-only array}); raises ProtocolError on anything off,
+    a header over max_header_bytes or nested deeper than MAX_HEADER_DEPTH included."""
     view = memoryview(body)
     if len(view) < _PREFIX.size:
         raise ProtocolError(f"frame too short ({len(view)} bytes)")
@@ -86,9 +103,17 @@ def decode_frame(body: bytes, max_elements: int = 1 << 31) -> tuple[dict, dict[s
         raise ProtocolError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r} (wire format v1)")
     if header_length > len(view) - _PREFIX.size:
         raise ProtocolError(f"header length {header_length} exceeds the frame")
+    if header_length > max_header_bytes:
+        raise ProtocolError(
+            f"header of {header_length} bytes exceeds the limit of {max_header_bytes}"
+        )
+    text = bytes(view[_PREFIX.size : _PREFIX.size + header_length])
+    depth = _nesting(text)
+    if depth > MAX_HEADER_DEPTH:
+        raise ProtocolError(f"header nests {depth} deep; at most {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + header_length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ProtocolError(f"header is not JSON: {error}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")

@@ -9,7 +9,7 @@ import shutil
 import warnings
 
 from opd_fast.training.checkpoints import folders
-from opd_fast.training.checkpoints.sharded import DCP_DIR
+from opd_fast.training.checkpoints.sharded import DCP_DIR, load_dcp
 
 
 def checkpoint_folder(run_dir: str, step: int | None) -> str:
@@ -46,14 +46,13 @@ def export(run_dir: str, step: int | None, out: str) -> str:
     if has_weights:
         shutil.copytree(model_dir, out, dirs_exist_ok=True)
         return out
-    from torch.distributed.checkpoint import load as dcp_load
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     state = model.state_dict()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*load in a single process")
-        dcp_load({"model": state}, checkpoint_id=os.path.join(path, DCP_DIR))
+        load_dcp({"model": state}, os.path.join(path, DCP_DIR))
     model.load_state_dict(state)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)

@@ -8,11 +8,24 @@ new one takes its name and deletes it only then, so no kill ever leaves a step w
 
 Resuming never trusts one pointer: it scans every step folder (and the temporary copies a kill
 left behind), takes the newest whose files match its manifest, and says which damaged ones
-it passed over. `latest` names the newest checkpoint for people; nothing reads it.
+it passed over: a manifest of the wrong shape or for another step, a step folder that is a
+symbolic link or a file. The next save of such a step replaces it (moved aside, never
+followed). `latest` names the newest checkpoint for people; nothing reads it.
+
+A save that fails for the file system's sake (no space, quota, permissions, read-only) is a
+CheckpointSaveError naming which and the space the save needs; its temporary folder is
+removed and every earlier checkpoint is left as it was.
+
+The resume state is a safetensors file with JSON (`state_format`): loading a checkpoint runs
+no code from it. Format 1 checkpoints (trainer_state.pt) still load, without unpickling
+anything but tensors, containers and NumPy RNG state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -26,9 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd_fast.training.checkpoints import state_format
+
 KEEP_LAST = 3
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 1: trainer_state.pt (torch.save); 2: trainer_state.safetensors + metrics copy
+FORMATS = (1, 2)  # the ones this version reads
 
 # Tests set this to "stage" or "stage:n" (the n-th save, from 1) to kill the process with
 # SIGKILL at that point of save_checkpoint: what a power cut or the OOM killer does.
@@ -41,6 +57,11 @@ _NAME = re.compile(r"^\.?step_(\d+)(\.(tmp|old)-\d+)?$")
 
 class CheckpointError(ValueError):
     """No usable checkpoint where one was expected; the message names what is wrong."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint the file system would not take (no space, quota, permissions, read-only):
+    the message says which and how much space the save needs; earlier checkpoints are intact."""
 
 
 def _checkpoint_root(run_dir: str) -> str:
@@ -97,29 +118,80 @@ def write_manifest(folder: str, step: int) -> None:
     _write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
 
 
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest's shape (None: nothing)."""
+    if not isinstance(manifest, dict):
+        return f"is not an object (got {type(manifest).__name__})"
+    if manifest.get("format", 1) not in FORMATS:
+        return f"has format {manifest.get('format')!r}; this opd_fast reads {FORMATS}"
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"has no integer step (got {step!r})"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"has no files mapping (got {type(files).__name__})"
+    for path, entry in files.items():
+        parts = path.replace("\\", "/").split("/")
+        if not path or os.path.isabs(path) or ".." in parts or path == MANIFEST:
+            return f"lists a path outside its folder: {path!r}"
+        if not isinstance(entry, dict):
+            return f"entry {path!r} is not an object (got {entry!r:.40})"
+        size, digest = entry.get("bytes"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"entry {path!r} has no byte count (got {size!r})"
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            return f"entry {path!r} has no sha256 (got {digest!r})"
+    if not any(name in files for name in (TRAINER_STATE, LEGACY_TRAINER_STATE)):
+        return f"lists no {TRAINER_STATE}"
+    return None
+
+
+def _folder_step(folder: str) -> int | None:
+    match = _NAME.match(os.path.basename(os.path.normpath(folder)))
+    return int(match.group(1)) if match else None
+
+
 def verify(folder: str) -> str | None:
     """None when `folder` is an intact checkpoint, else what is wrong with it (naming the
-    file). A checkpoint written before manifests existed passes if its files are there."""
+    file): a link or not a folder, a manifest of the wrong shape or for another step than the
+    folder's name, a file missing, of the wrong size or checksum. A checkpoint written before
+    manifests existed passes if its files are there."""
+    if os.path.islink(folder):
+        return f"is a symbolic link (to {os.readlink(folder)}), not a checkpoint folder"
+    if not os.path.isdir(folder):
+        return "is not a folder"
     manifest_path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(manifest_path):
-        for needed in (TRAINER_STATE, os.path.join("model", "config.json")):
-            if not os.path.exists(os.path.join(folder, needed)):
+    if not os.path.lexists(manifest_path):
+        for needed in (LEGACY_TRAINER_STATE, os.path.join("model", "config.json")):
+            if not os.path.isfile(os.path.join(folder, needed)):
                 return f"{needed} is missing (and there is no {MANIFEST})"
         return None
     try:
+        if os.path.islink(manifest_path):
+            raise ValueError("it is a symbolic link")
         with open(manifest_path) as handle:
-            files = json.load(handle)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+            manifest = json.load(handle)
+    except (OSError, ValueError, RecursionError) as error:
         return f"{MANIFEST} is unreadable ({error})"
-    for path, entry in files.items():
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        return f"{MANIFEST} {problem}"
+    expected = _folder_step(folder)
+    if expected is not None and manifest["step"] != expected:
+        return f"{MANIFEST} is for step {manifest['step']}, not {expected} (the folder's name)"
+    for path, entry in manifest["files"].items():
         full = os.path.join(folder, path)
-        if not os.path.isfile(full):
-            return f"{path} is missing"
+        if os.path.islink(full) or not os.path.isfile(full):
+            return f"{path} is missing" if not os.path.lexists(full) else f"{path} is not a file"
         size = os.path.getsize(full)
         if size != entry["bytes"]:
             return f"{path} has {size} bytes, its manifest says {entry['bytes']}"
         if _sha256(full) != entry["sha256"]:
             return f"{path} does not match its checksum (damaged)"
+        if path.endswith(".pt"):  # format 1: torch.load skips the zip's CRCs
+            problem = state_format.zip_problem(full)
+            if problem is not None:
+                return f"{path}: {problem}"
     return None
 
 
@@ -142,23 +214,182 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.safetensors"
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # format 1
+METRICS_COPY = "metrics.jsonl"  # the run's records up to the checkpoint (format 2)
 
 
-def write_trainer_state(folder: str, step: int, state: dict[str, Any]) -> None:
-    """The resume state (everything but the weights) of checkpoint `step` into `folder`."""
-    torch.save({"step": step, **state}, os.path.join(folder, TRAINER_STATE))
+def write_trainer_state(
+    folder: str, step: int, state: dict[str, Any], metrics_lines: list[str] | None = None
+) -> None:
+    """The resume state (everything but the weights) of checkpoint `step` into `folder`, and
+    a copy of the run's metrics.jsonl lines up to it (restored on resume if the run's copy is
+    lost or cut short)."""
+    try:
+        state_format.save_state(os.path.join(folder, TRAINER_STATE), {"step": step, **state})
+    except state_format.StateFormatError as error:
+        raise CheckpointError(str(error)) from None
+    if metrics_lines is not None:
+        with open(os.path.join(folder, METRICS_COPY), "w") as handle:
+            handle.writelines(metrics_lines)
 
 
 def read_trainer_state(folder: str) -> dict[str, Any]:
-    """write_trainer_state's dict (with "step"); CheckpointError naming a damaged file."""
-    state_path = os.path.join(folder, TRAINER_STATE)
+    """write_trainer_state's dict (with "step"), or a format-1 checkpoint's; CheckpointError
+    naming a damaged file, or one that would run code to load."""
+    path = os.path.join(folder, TRAINER_STATE)
     try:
-        state = torch.load(state_path, weights_only=False)
-    except Exception as error:  # torch raises many kinds on a damaged file
-        raise CheckpointError(f"cannot read {state_path}: {error}") from None
-    state["step"] = int(state["step"])
+        if os.path.isfile(path):
+            state = state_format.load_state(path)
+        else:
+            path = os.path.join(folder, LEGACY_TRAINER_STATE)
+            state = state_format.load_legacy(path)
+    except state_format.StateFormatError as error:
+        raise CheckpointError(str(error)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path} holds no trainer state (no integer step)")
+    expected = _folder_step(folder)
+    if expected is not None and state["step"] != expected:
+        raise CheckpointError(f"{path} is the state of step {state['step']}, not {expected}")
     return state
+
+
+def read_metrics_copy(folder: str) -> list[str] | None:
+    """The metrics.jsonl lines the checkpoint keeps (None: a format-1 checkpoint has none)."""
+    path = os.path.join(folder, METRICS_COPY)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return handle.readlines()
+
+
+# ---- saving: file system errors -------------------------------------------------------------
+
+_ERRNO_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.EFBIG: "a file would exceed the size the system allows",
+}
+_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# The same in the messages of errors that carry no errno: safetensors' (Rust io::Error kinds).
+_TEXT_CAUSES = (
+    ("no space left", errno.ENOSPC),
+    ("storagefull", errno.ENOSPC),
+    ("quota", errno.EDQUOT),
+    ("permission denied", errno.EACCES),
+    ("permissiondenied", errno.EACCES),
+    ("read-only file system", errno.EROFS),
+    ("readonlyfilesystem", errno.EROFS),
+    ("file too large", errno.EFBIG),
+    ("filetoolarge", errno.EFBIG),
+)
+# torch.save's writer says only this when a write fails (ENOSPC among others).
+_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed")
+
+
+def _cause(error: BaseException) -> tuple[int | None, str | None]:
+    """(errno, file) of the file system error behind `error` (or its causes), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _ERRNO_CAUSES:
+            return error.errno, error.filename
+        failures = getattr(error, "failures", None)  # DCP: each rank's exception
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            failure = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(failure, BaseException) and failure is not error:
+                found = _cause(failure)
+                if found[0] is not None:
+                    return found
+        text = str(error)
+        code = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", text)  # Rust io::Error
+        number = int(code.group(1) or code.group(2)) if code else None
+        if number in _ERRNO_CAUSES:
+            return number, None
+        lowered = text.lower()
+        for needle, number in _TEXT_CAUSES:
+            if needle in lowered:
+                return number, None
+        error = error.__cause__ or error.__context__
+    return None, None
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2**20:.2f} MiB"
+
+
+def save_size(run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """About the bytes a checkpoint of `model` and `optimizer` takes: the newest checkpoint's
+    size when the run has one, else every distinct tensor of the model's state and the
+    optimizer's (whole sizes, for sharded ones too) and 64 KiB for the rest."""
+    root = _checkpoint_root(run_dir)
+    for _, in_place, path in _candidates(root) if os.path.isdir(root) else []:
+        if in_place and not os.path.islink(path) and os.path.isdir(path):
+            return sum(
+                os.lstat(os.path.join(parent, name)).st_size
+                for parent, _, names in os.walk(path)
+                for name in names
+            )
+    tensors = list(model.state_dict().values())
+    if optimizer is not None:
+        for per_parameter in optimizer.state.values():
+            tensors += [v for v in per_parameter.values() if isinstance(v, torch.Tensor)]
+    total, seen = 0, set()
+    for tensor in tensors:
+        try:
+            key = tensor.untyped_storage().data_ptr()
+        except Exception:  # a DTensor or a meta tensor: count it
+            key = None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total + 2**16  # config, tokenizer, manifest, trainer state besides the tensors
+
+
+@contextlib.contextmanager
+def saving(run_dir: str, step: int, needed_bytes: int):
+    """Around one save of checkpoint `step`: a file system error (no space, quota,
+    permissions, read-only; torch.save's "unexpected pos" when the disk is full) becomes a
+    one-line CheckpointSaveError with the space the save needs, after the temporary folder
+    is removed. Anything else is raised as it is."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # DCP's CheckpointException is a BaseException
+        root = _checkpoint_root(run_dir)
+        for temporary in glob.glob(os.path.join(glob.escape(root), f".step_{step:06d}.tmp-*")):
+            _remove(temporary)  # this save's (whichever rank made it); the space is free again
+        number, filename = _cause(error)
+        free = _free_bytes(root)
+        if number is None and _SHORT_WRITE.search(str(error)) and free is not None:
+            if free < needed_bytes:  # torch's writer lost the errno; the disk says why
+                number = errno.ENOSPC
+        if number is None:
+            raise
+        where = f" ({filename})" if filename else ""
+        space = f"; {_mib(free)} free there now" if free is not None else ""
+        remedy = "free some space" if number in _SPACE else f"make {root} writable"
+        failure = CheckpointSaveError(
+            f"cannot save checkpoint step_{step:06d} in {root}: {_ERRNO_CAUSES[number]}"
+            f"{where}. The save needs about {_mib(needed_bytes)}{space}; the checkpoints "
+            f"saved before are intact. To go on, {remedy} and resume (--resume)"
+        )
+        failure.errno = number
+        raise failure from None
+
+
+def _free_bytes(path: str) -> int | None:
+    while path and not os.path.isdir(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or ".").free
+    except OSError:
+        return None
 
 
 def begin_checkpoint(run_dir: str, step: int) -> str:
@@ -168,9 +399,20 @@ def begin_checkpoint(run_dir: str, step: int) -> str:
     root = _checkpoint_root(run_dir)
     os.makedirs(root, exist_ok=True)
     temporary = os.path.join(root, f".step_{step:06d}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
+    _remove(temporary)
     os.makedirs(temporary)
     return temporary
+
+
+def _remove(path: str) -> None:
+    """Delete a file, a link (never what it points to) or a folder tree; quietly."""
+    try:
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def finish_checkpoint(run_dir: str, step: int, temporary: str) -> str:
@@ -182,15 +424,29 @@ def finish_checkpoint(run_dir: str, step: int, temporary: str) -> str:
     write_manifest(temporary, step)
     fault("manifest")
     aside = None
-    if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in
+    # Re-saving a step (or replacing a link or file in its place): keep the old entry aside,
+    # moved (a link as a link), until the new copy is in.
+    if os.path.lexists(final):
         aside = os.path.join(root, f".{name}.old-{os.getpid()}")
+        _remove(aside)
         os.replace(final, aside)
         fault("aside")
-    os.replace(temporary, final)
+    try:
+        os.replace(temporary, final)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, final)
+        raise
     fault("renamed")
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-    _write_text_atomic(os.path.join(root, "latest"), name + "\n")
+        _remove(aside)
+    try:  # the checkpoint is in: `latest` is for people, its failure is only a warning
+        _write_text_atomic(os.path.join(root, "latest"), name + "\n")
+    except OSError as error:
+        _remove(os.path.join(root, f"latest.tmp-{os.getpid()}"))
+        warnings.warn(
+            f"{final} is saved, but {root}/latest could not be updated: {error}", stacklevel=2
+        )
     fault("latest")
     _prune(root, keep=KEEP_LAST)
     fault("pruned")
@@ -198,19 +454,47 @@ def finish_checkpoint(run_dir: str, step: int, temporary: str) -> str:
 
 
 def _prune(root: str, keep: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    steps = sorted(d for d in os.listdir(root) if _NAME.match(d) and d.startswith("step_"))
     for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        _remove(os.path.join(root, old))
 
 
 def _candidates(root: str) -> list[tuple[int, bool, str]]:
-    """(step, is a step_N folder, path) of every checkpoint folder, a kill's leftovers too."""
+    """(step, is a step_N entry, path) of every checkpoint entry, a kill's leftovers and
+    links or files under a step's name too (verify says what is wrong with those)."""
     found = []
     for name in os.listdir(root):
         match = _NAME.match(name)
-        if match and os.path.isdir(os.path.join(root, name)):
+        if match:
             found.append((int(match.group(1)), match.group(2) is None, os.path.join(root, name)))
     return sorted(found, reverse=True)
+
+
+def _remove_leftovers(root: str) -> None:
+    """The temporary copies and `latest.tmp-PID` files that killed saves left behind."""
+    for _, in_place, path in _candidates(root):
+        if not in_place:
+            _remove(path)
+    for path in glob.glob(os.path.join(glob.escape(root), "latest.tmp-*")):
+        _remove(path)
+
+
+def tidy(run_dir: str) -> None:
+    """A fresh run's clean-up of what killed saves left in its folder: a complete copy that a
+    kill left under a temporary name is moved into place when its step has no intact folder
+    (nothing saved is lost), the rest (unfinished copies, `latest.tmp-PID`) removed."""
+    root = _checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return
+    for step, in_place, path in _candidates(root):
+        final = os.path.join(root, f"step_{step:06d}")
+        if not in_place and not os.path.lexists(final) and _complete_copy(path):
+            os.replace(path, final)
+    _remove_leftovers(root)
+
+
+def _complete_copy(path: str) -> bool:
+    return os.path.lexists(os.path.join(path, MANIFEST)) and verify(path) is None
 
 
 def find_checkpoint(run_dir: str) -> str | None:
@@ -226,7 +510,7 @@ def find_checkpoint(run_dir: str) -> str | None:
     candidates = _candidates(root)
     chosen, damaged = None, []
     for step, in_place, path in candidates:
-        if not in_place and not os.path.exists(os.path.join(path, MANIFEST)):
+        if not in_place and not os.path.lexists(os.path.join(path, MANIFEST)):
             problem = "an unfinished copy (no manifest)"
         else:
             problem = verify(path)
@@ -236,7 +520,7 @@ def find_checkpoint(run_dir: str) -> str | None:
         chosen = path
         if not in_place:  # a kill's complete copy: the step's only intact one
             final = os.path.join(root, f"step_{step:06d}")
-            if os.path.exists(final):
+            if os.path.lexists(final):
                 os.replace(final, os.path.join(root, f".step_{step:06d}.old-{os.getpid()}"))
             os.replace(path, final)
             chosen = final
@@ -252,9 +536,7 @@ def find_checkpoint(run_dir: str) -> str | None:
             f"{root} holds no intact checkpoint ({'; '.join(damaged)}); nothing to resume from. "
             "Run without --resume to start over (the run folder's history is then replaced)."
         )
-    for _, in_place, path in _candidates(root):
-        if not in_place:
-            shutil.rmtree(path, ignore_errors=True)
+    _remove_leftovers(root)
     return chosen
 
 

@@ -4,12 +4,16 @@ checksums, renamed into place, found again by the same scan.
 
 A sharded step folder holds:
     dcp/                    the student's and AdamW's sharded state (every rank writes its part)
-    rank_00000.pt, ...      each rank's RNG state
-    trainer_state.pt        rank 0: scheduler, sampler (the data position, the same on every
-                            rank), metrics count, config, world size
+    rank_00000.safetensors  each rank's RNG state (format 1: rank_00000.pt, still read)
+    trainer_state.safetensors  rank 0: scheduler, sampler (the data position, the same on
+                            every rank), metrics count, config, world size (format 1: .pt)
+    metrics.jsonl           rank 0: the run's records up to this step
     model/                  config and tokenizer; at the run's end also the consolidated
                             safetensors weights (a folder transformers loads)
     manifest.json           written last, by rank 0, after every rank's files are in
+
+Nothing in it is unpickled when it loads: the rank and trainer state files are safetensors +
+JSON (state_format), and DCP's metadata is read allowing only its own classes.
 """
 
 from __future__ import annotations
@@ -18,14 +22,28 @@ import os
 
 import torch
 
-from opd_fast.training.checkpoints import folders
+from opd_fast.training.checkpoints import folders, state_format
 from opd_fast.training.distributed import Distributed
 
 DCP_DIR = "dcp"
 
 
-def _rank_file(folder: str, rank: int) -> str:
-    return os.path.join(folder, f"rank_{rank:05d}.pt")
+def _rank_file(folder: str, rank: int, legacy: bool = False) -> str:
+    return os.path.join(folder, f"rank_{rank:05d}.{'pt' if legacy else 'safetensors'}")
+
+
+def load_dcp(state: dict, checkpoint_dir: str) -> None:
+    """torch.distributed.checkpoint.load of `checkpoint_dir` into `state` in place, its
+    metadata read without running code (state_format.safe_dcp_reader); CheckpointError naming
+    the folder on a damaged, mismatched or refused one."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        dcp_load(state, storage_reader=state_format.safe_dcp_reader(checkpoint_dir))
+    except (Exception, CheckpointException) as error:  # many kinds on damaged or other shards
+        detail = state_format.dcp_failure(error)
+        raise folders.CheckpointError(f"cannot read {checkpoint_dir}: {detail}") from None
 
 
 def is_sharded_checkpoint(path: str) -> bool:
@@ -60,36 +78,48 @@ class ShardedCheckpointer:
     def __init__(self, run_dir: str, dist: Distributed):
         self.run_dir, self.dist = run_dir, dist
 
-    def save(self, step, model, optimizer, tokenizer, trainer_state: dict, *, final: bool) -> str:
+    def save(
+        self,
+        step,
+        model,
+        optimizer,
+        tokenizer,
+        trainer_state: dict,
+        *,
+        final: bool,
+        metrics_lines: list[str] | None = None,
+    ) -> str:
         """Checkpoint `step`; `final` (the run's end) also writes the consolidated weights into
-        model/, a folder transformers loads. Returns the step folder."""
+        model/, a folder transformers loads. Returns the step folder. A file system that
+        refuses it raises CheckpointSaveError (folders.saving) on the rank it refused."""
         from torch.distributed.checkpoint import save as dcp_save
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         dist, run_dir = self.dist, self.run_dir
-        temporary = dist.on_main(lambda: folders.begin_checkpoint(run_dir, step))
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp_save(
-            {"model": model_state, "optimizer": optimizer_state},
-            checkpoint_id=os.path.join(temporary, DCP_DIR),
-        )
-        torch.save({"rng": folders.rng_state()}, _rank_file(temporary, dist.rank))
-        full = _full_model_state(model) if final else None
-        dist.barrier()  # every rank's files are in before rank 0 seals the folder
-
-        def seal() -> str:
-            _write_model_folder(model.config, full, tokenizer, os.path.join(temporary, "model"))
-            folders.write_trainer_state(
-                temporary, step, {"world_size": dist.world_size, **trainer_state}
+        with folders.saving(run_dir, step, folders.save_size(run_dir, model, optimizer)):
+            temporary = dist.on_main(lambda: folders.begin_checkpoint(run_dir, step))
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp_save(
+                {"model": model_state, "optimizer": optimizer_state},
+                checkpoint_id=os.path.join(temporary, DCP_DIR),
             )
-            return folders.finish_checkpoint(run_dir, step, temporary)
+            state_format.save_state(_rank_file(temporary, dist.rank), {"rng": folders.rng_state()})
+            full = _full_model_state(model) if final else None
+            dist.barrier()  # every rank's files are in before rank 0 seals the folder
 
-        return dist.on_main(seal)
+            def seal() -> str:
+                model_dir = os.path.join(temporary, "model")
+                _write_model_folder(model.config, full, tokenizer, model_dir)
+                folders.write_trainer_state(
+                    temporary, step, {"world_size": dist.world_size, **trainer_state}, metrics_lines
+                )
+                return folders.finish_checkpoint(run_dir, step, temporary)
+
+            return dist.on_main(seal)
 
     def load(self, path: str, model, optimizer) -> dict:
         """Restore the sharded student and AdamW of `path` in place; returns the trainer state
         with this rank's own RNG state. The run must have the world size that wrote it."""
-        from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         dist = self.dist
@@ -107,12 +137,7 @@ class ShardedCheckpointer:
             )
         model_state, optimizer_state = get_state_dict(model, optimizer)
         sharded = {"model": model_state, "optimizer": optimizer_state}
-        try:
-            dcp_load(sharded, checkpoint_id=os.path.join(path, DCP_DIR))
-        except Exception as error:  # DCP raises many kinds on damaged or mismatched shards
-            raise folders.CheckpointError(
-                f"cannot read {os.path.join(path, DCP_DIR)}: {error}"
-            ) from None
+        load_dcp(sharded, os.path.join(path, DCP_DIR))
         set_state_dict(
             model,
             optimizer,
@@ -121,7 +146,12 @@ class ShardedCheckpointer:
         )
         rank_path = _rank_file(path, dist.rank)
         try:
-            rank_state = torch.load(rank_path, weights_only=False)
-        except Exception as error:
-            raise folders.CheckpointError(f"cannot read {rank_path}: {error}") from None
-        return {**state, **rank_state}
+            if os.path.isfile(rank_path):
+                rank_state = state_format.load_state(rank_path)
+            else:  # format 1
+                rank_state = state_format.load_legacy(_rank_file(path, dist.rank, legacy=True))
+        except state_format.StateFormatError as error:
+            raise folders.CheckpointError(str(error)) from None
+        if not isinstance(rank_state, dict) or "rng" not in rank_state:
+            raise folders.CheckpointError(f"{rank_path} holds no RNG state")
+        return {**state, "rng": rank_state["rng"]}

@@ -1,8 +1,10 @@
 """Checkpoints of a single-process run: the student's weights as a Hugging Face folder
-(safetensors) plus everything needed to resume exactly (trainer_state.pt: optimizer,
-scheduler, sampler, RNG, metrics count, config), in a sealed step folder (`folders`).
+(safetensors) plus everything needed to resume exactly (trainer_state.safetensors: optimizer,
+scheduler, sampler, RNG, metrics count, config; metrics.jsonl: the run's records so far), in a
+sealed step folder (`folders`).
 
-Layout: <run_dir>/checkpoints/step_000050/{model/, trainer_state.pt, manifest.json}.
+Layout: <run_dir>/checkpoints/step_000050/{model/, trainer_state.safetensors, metrics.jsonl,
+manifest.json} (format 1, still read: trainer_state.pt and no metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from opd_fast.training.checkpoints.folders import (
     finish_checkpoint,
     read_trainer_state,
     rng_state,
+    save_size,
+    saving,
     write_trainer_state,
 )
 from opd_fast.training.checkpoints.sharded import is_sharded_checkpoint
@@ -29,17 +33,29 @@ class SingleProcessCheckpointer:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
-    def save(self, step, model, optimizer, tokenizer, trainer_state: dict, *, final: bool) -> str:
+    def save(
+        self,
+        step,
+        model,
+        optimizer,
+        tokenizer,
+        trainer_state: dict,
+        *,
+        final: bool,
+        metrics_lines: list[str] | None = None,
+    ) -> str:
         """Write checkpoint `step` (verified, atomically) and name it in `latest`; returns its
-        directory. The whole model is in every checkpoint, so `final` changes nothing."""
-        temporary = begin_checkpoint(self.run_dir, step)
-        model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(temporary, "model"))
-        fault("weights")
-        state = {**trainer_state, "optimizer": optimizer.state_dict(), "rng": rng_state()}
-        write_trainer_state(temporary, step, state)
-        fault("state")
-        return finish_checkpoint(self.run_dir, step, temporary)
+        directory. The whole model is in every checkpoint, so `final` changes nothing. A file
+        system that refuses it raises CheckpointSaveError (folders.saving)."""
+        with saving(self.run_dir, step, save_size(self.run_dir, model, optimizer)):
+            temporary = begin_checkpoint(self.run_dir, step)
+            model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(temporary, "model"))
+            fault("weights")
+            state = {**trainer_state, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+            write_trainer_state(temporary, step, state, metrics_lines)
+            fault("state")
+            return finish_checkpoint(self.run_dir, step, temporary)
 
     def load(self, path: str, model, optimizer) -> dict:
         """Restore the student and AdamW of checkpoint `path` in place; its trainer state."""
