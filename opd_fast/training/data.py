@@ -1,4 +1,5 @@
-"""Prompt datasets (JSONL / Parquet with prompt and answer), templates and a resumable sampler."""
+"""Prompt datasets (JSONL / Parquet files, or hf:ORG/NAME[:SPLIT] on the Hub, with a prompt and
+an answer column), templates and a resumable sampler."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+
+from opd_fast.models.hub import is_dataset_name, resolve_dataset_files
 
 
 @dataclass(frozen=True)
@@ -15,25 +18,39 @@ class Example:
     source: str = field(default="", compare=False)  # "file:line" (or "file: row N"), for errors
 
 
-def _example(row, path: str, where: str) -> Example:
+def _example(row, path: str, where: str, columns=("prompt", "answer")) -> Example:
     """One row as an Example; a missing, null or non-text field is an error naming the row.
-    A number is a fine answer ("42"); None is not ("None" would be graded as text)."""
+    A number is a fine answer ("42"); None is not ("None" would be graded as text).
+    columns: the names of the prompt and answer fields."""
+    prompt_column, answer_column = columns
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be an object with 'prompt' and 'answer'")
-    for name in ("prompt", "answer"):
+        raise ValueError(
+            f"{where}: a row must be an object with '{prompt_column}' and '{answer_column}'"
+        )
+    for name in columns:
         if name not in row:
             raise ValueError(f"{where}: the row has no '{name}' field (fields: {sorted(row)})")
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise ValueError(f"{where}: 'prompt' must be non-empty text, got {row['prompt']!r}")
-    answer = row["answer"]
+    prompt = row[prompt_column]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: '{prompt_column}' must be non-empty text, got {prompt!r}")
+    answer = row[answer_column]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise ValueError(f"{where}: 'answer' must be text or a number, got {answer!r}")
-    return Example(prompt=row["prompt"], answer=str(answer), source=where)
+        raise ValueError(f"{where}: '{answer_column}' must be text or a number, got {answer!r}")
+    return Example(prompt=prompt, answer=str(answer), source=where)
 
 
-def load_examples(path: str) -> list[Example]:
-    """Read {"prompt", "answer"} rows from .jsonl/.json or .parquet; every error names the file
-    and the line (JSONL) or row (Parquet)."""
+def load_examples(
+    path: str, prompt_column: str = "prompt", answer_column: str = "answer"
+) -> list[Example]:
+    """Read prompt and answer rows from .jsonl/.json or .parquet, or from the files of a data
+    set on the Hub (hf:ORG/NAME[:SPLIT], through the Hugging Face cache); every error names
+    the file and the line (JSONL) or row (Parquet)."""
+    columns = (prompt_column, answer_column)
+    if is_dataset_name(path):
+        examples = []
+        for file in resolve_dataset_files(path):
+            examples += load_examples(file, *columns)
+        return examples
     if not os.path.exists(path):
         raise ValueError(f"dataset not found: {path}")
     if not os.path.isfile(path):
@@ -49,7 +66,7 @@ def load_examples(path: str) -> list[Example]:
         except Exception as error:  # pyarrow raises its own types for a damaged file
             raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
         for index, row in enumerate(rows):
-            examples.append(_example(row, path, f"{path}: row {index}"))
+            examples.append(_example(row, path, f"{path}: row {index}", columns))
     else:
         with open(path, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, 1):
@@ -60,7 +77,7 @@ def load_examples(path: str) -> list[Example]:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-                examples.append(_example(row, path, where))
+                examples.append(_example(row, path, where, columns))
     if not examples:
         raise ValueError(f"dataset is empty: {path}")
     return examples
