@@ -58,6 +58,11 @@ def hub_home(tmp_path_factory):
         "data/train-00000-of-00001.parquet": str(root / "train.parquet"),
         "data/test-00000-of-00001.parquet": str(root / "test.parquet"),
     })  # fmt: skip
+    # Two configurations (folders) of the same split, as many Hub data sets have.
+    _cache_repo(cache, "dataset", "toyorg/configs", {
+        "all/train-00000-of-00001.parquet": str(root / "train.parquet"),
+        "en/train-00000-of-00001.parquet": str(root / "test.parquet"),
+    })  # fmt: skip
     return str(root / "hf")
 
 
@@ -111,6 +116,9 @@ def offline_cache(hub_home, monkeypatch):
          "'validation'"),
         ({"train_data": "hf:toyorg/not-cached"}, "the data set toyorg/not-cached is not in the "
          "Hugging Face cache"),
+        ({"train_data": "hf:toyorg/configs"}, "the data set toyorg/configs has split 'train' "
+         "in several configurations (all, en): name one, e.g. hf:toyorg/configs/all:train"),
+        ({"train_data": "hf:toyorg/configs/fr"}, "has no configuration (folder) 'fr'"),
     ],
 )  # fmt: skip
 def test_names_that_cannot_be_resolved_are_named_before_loading(
@@ -146,5 +154,16 @@ def test_local_folders_are_not_hub_names(tmp_path):
     os.chdir(tmp_path)
     assert not hub.is_model_name("org/name")  # a folder here wins
     assert hub.resolve_model(str(tmp_path)) == str(tmp_path)
-    assert hub.parse_dataset_name("hf:a/b") == ("a/b", "train")
-    assert hub.parse_dataset_name("hf:a/b:test") == ("a/b", "test")
+    assert hub.parse_dataset_name("hf:a/b") == ("a/b", None, "train")
+    assert hub.parse_dataset_name("hf:a/b:test") == ("a/b", None, "test")
+    assert hub.parse_dataset_name("hf:a/b/en:test") == ("a/b", "en", "test")
+
+
+def test_a_configuration_selects_its_folder(offline_cache):
+    from opd_fast.training.data import load_examples
+
+    columns = ("question", "solution")
+    every = load_examples("hf:toyorg/configs/all", *columns)
+    english = load_examples("hf:toyorg/configs/en:train", *columns)
+    assert len(english) == 4 and len(every) > len(english)
+    assert [e.prompt for e in english] == [e.prompt for e in every[:4]]

@@ -3,9 +3,12 @@ resolves them: through the local cache (`HF_HOME` / `HF_HUB_CACHE`, by default
 ~/.cache/huggingface/hub), honouring `HF_HUB_OFFLINE` and a revision, downloading only when the
 environment allows it. A local folder is used as it is.
 
-Hub names are `ORG/NAME` (a model) and `hf:ORG/NAME[:SPLIT]` (a data set, its JSONL or
-Parquet files of that split). Every failure is a HubError naming the repository, the revision
-and what to do.
+Hub names are `ORG/NAME` (a model) and `hf:ORG/NAME[/CONFIG][:SPLIT]` (a data set: the JSONL
+or Parquet files of that split, in the folder of that configuration when it has several).
+Every failure is a HubError naming the repository, the revision and what to do.
+
+Data sets are read from the snapshot by opd_fast's own JSONL/Parquet reader, not through
+`datasets`: offline, `datasets` cannot load a data set from a hub-cache snapshot alone.
 """
 
 from __future__ import annotations
@@ -36,13 +39,21 @@ def is_dataset_name(value: str) -> bool:
     return value.startswith(DATASET_PREFIX)
 
 
-def parse_dataset_name(value: str) -> tuple[str, str]:
-    """hf:ORG/NAME[:SPLIT] -> (ORG/NAME, SPLIT or "train")."""
+def parse_dataset_name(value: str) -> tuple[str, str | None, str]:
+    """hf:ORG/NAME[/CONFIG][:SPLIT] -> (ORG/NAME, CONFIG or None, SPLIT or "train")."""
     body = value[len(DATASET_PREFIX) :]
-    repo, _, split = body.partition(":")
-    if not _REPO_ID.fullmatch(repo) or (split and not re.fullmatch(r"[\w.-]+", split)):
-        raise HubError(f"a data set on the Hub is hf:ORG/NAME[:SPLIT], got {value!r}")
-    return repo, split or "train"
+    name, _, split = body.partition(":")
+    parts = name.split("/")
+    repo, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    word = re.compile(r"[\w.-]+")
+    if (
+        len(parts) > 3
+        or not _REPO_ID.fullmatch(repo)
+        or (config is not None and not word.fullmatch(config))
+        or (split and not word.fullmatch(split))
+    ):
+        raise HubError(f"a data set on the Hub is hf:ORG/NAME[/CONFIG][:SPLIT], got {value!r}")
+    return repo, config, split or "train"
 
 
 def _offline() -> bool:
@@ -94,13 +105,18 @@ def resolve_model(value: str, revision: str | None = None) -> str:
 
 
 def resolve_dataset_files(value: str, revision: str | None = None) -> list[str]:
-    """The local JSONL/Parquet files of split SPLIT of hf:ORG/NAME[:SPLIT], found the way the
-    Hub lays out data files: a file or folder named after the split (train.jsonl,
-    data/train-00000-of-00001.parquet, train/part.jsonl)."""
-    repo, split = parse_dataset_name(value)
+    """The local JSONL/Parquet files of split SPLIT of hf:ORG/NAME[/CONFIG][:SPLIT], found the
+    way the Hub lays out data files: a file or folder named after the split (train.jsonl,
+    data/train-00000-of-00001.parquet, train/part.jsonl), under the folder CONFIG when named.
+    A split found under several top-level folders (configurations) must name one."""
+    repo, config, split = parse_dataset_name(value)
     folder = _snapshot(
         repo, revision, "dataset", [f"**/{p}" for p in DATA_FILES] + list(DATA_FILES)
     )
+    if config is not None:
+        if not os.path.isdir(os.path.join(folder, config)):
+            raise HubError(f"the data set {repo} has no configuration (folder) {config!r}")
+        folder = os.path.join(folder, config)
     files = []
     for parent, _, names in os.walk(folder):
         for name in sorted(names):
@@ -116,5 +132,12 @@ def resolve_dataset_files(value: str, revision: str | None = None) -> list[str]:
         raise HubError(
             f"the data set {repo} has no JSONL or Parquet files of split {split!r} (a file "
             f"or folder named {split}, e.g. data/{split}-00000-of-00001.parquet)"
+        )
+    # The top-level folder of each file ("" at the root): one per configuration.
+    tops = sorted({os.path.dirname(os.path.relpath(f, folder)).split(os.sep)[0] for f in files})
+    if config is None and len(tops) > 1:
+        raise HubError(
+            f"the data set {repo} has split {split!r} in several configurations "
+            f"({', '.join(tops)}): name one, e.g. hf:{repo}/{tops[0]}:{split}"
         )
     return sorted(files)
