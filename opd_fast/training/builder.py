@@ -203,9 +203,12 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
             config.teacher_sharding, checkpoint_bytes(paths["teacher"]), placement.device
         )
     # Data first: a bad row is reported before minutes of model loading.
-    columns = (config.prompt_column, config.answer_column)
-    train_examples = load_examples(paths["train_data"], *columns)
-    eval_examples = load_examples(paths["eval_data"], *columns)
+    train_examples = load_examples(paths["train_data"], config.prompt_column, config.answer_column)
+    eval_examples = load_examples(
+        paths["eval_data"],
+        config.eval_prompt_column or config.prompt_column,
+        config.eval_answer_column or config.answer_column,
+    )
     if config.eval_max_prompts:
         eval_examples = eval_examples[: config.eval_max_prompts]
     pair = load_pair(

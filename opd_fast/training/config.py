@@ -113,6 +113,8 @@ class TrainConfig:
     eval_data: str = TOY
     prompt_column: str = "prompt"
     answer_column: str = "answer"
+    eval_prompt_column: str | None = None  # None: prompt_column (eval sets often differ)
+    eval_answer_column: str | None = None  # None: answer_column
     prompt_template: str = "{prompt}"  # or "chat" to use the tokenizer's chat template
     run_dir: str = "runs/opd"
     seed: int = 0
@@ -344,7 +346,10 @@ def _check_ranks(config: TrainConfig, world_size: int) -> None:
 def _check_paths(config: TrainConfig) -> None:
     """The model folders and data files the config names exist and are what they should be
     (a Hub name is resolved, through the cache, before any model loads)."""
-    for name in ("student_revision", "teacher_revision", "prompt_column", "answer_column"):
+    for name in (
+        "student_revision", "teacher_revision", "prompt_column", "answer_column",
+        "eval_prompt_column", "eval_answer_column",
+    ):  # fmt: skip
         if getattr(config, name) == "":
             raise ValueError(f"config: {name} is empty")
     models = ["student"] + ([] if config.teacher_url else ["teacher"])
