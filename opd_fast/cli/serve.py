@@ -21,7 +21,10 @@ def add_serve_teacher_parser(commands) -> None:
         description=server_module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="Hugging Face model directory, or 'toy'")
+    parser.add_argument(
+        "--model", required=True, help="a Hugging Face model folder, a Hub id ORG/NAME, or 'toy'"
+    )
+    parser.add_argument("--revision", help="of a Hub id (a branch, tag or commit)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument(
@@ -101,7 +104,9 @@ def serve_teacher(args) -> int:
             file=sys.stderr,
         )
     _enough_file_descriptors(limits.max_connections + limits.max_pending_connections + 256)
-    scorer = Scorer.from_path(args.model, args.device, args.dtype, args.attn_implementation)
+    scorer = Scorer.from_path(
+        args.model, args.device, args.dtype, args.attn_implementation, args.revision
+    )
     server = TeacherServer(scorer, args.host, args.port, args.token, limits, args.verbose)
     signal.signal(signal.SIGTERM, _interrupt)
     info = scorer.info()

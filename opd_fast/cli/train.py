@@ -103,7 +103,15 @@ def print_summary(summary: dict, run_dir: str) -> None:
 def _train(args) -> int:
     from opd_fast.training.trainer import train
 
-    config = load_config(args.config, parse_overrides(args.overrides), world_size=_world_size(args))
+    overrides = parse_overrides(args.overrides)
+    if args.recipe is not None:
+        from opd_fast.training.recipes import get_recipe
+
+        if args.config is not None:
+            raise ValueError("train: give --recipe or --config, not both (--set changes a recipe)")
+        config = get_recipe(args.recipe).config(overrides, world_size=_world_size(args))
+    else:
+        config = load_config(args.config, overrides, world_size=_world_size(args))
     relaunched = _relaunch(args)
     if relaunched is not None:
         return relaunched
@@ -140,9 +148,28 @@ def _demo(args) -> int:
     return 0
 
 
+def _recipes(args) -> int:
+    from opd_fast.training.recipes import recipe_table
+
+    rows = recipe_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("name", "pair", "hardware", "memory", "time")
+    widths = {name: max(len(name), *(len(str(row[name])) for row in rows)) for name in columns}
+    print("  ".join(f"{name:<{widths[name]}}" for name in columns).rstrip())
+    for row in rows:
+        print("  ".join(f"{str(row[name]):<{widths[name]}}" for name in columns).rstrip())
+    print("\nopd-fast train --recipe NAME [--set KEY=VALUE ...]; estimates: docs/recipes.md")
+    return 0
+
+
 def add_train_commands(commands) -> None:
     train_parser = commands.add_parser("train", help="run OPD training from a YAML/JSON config")
     train_parser.add_argument("--config", help="YAML or JSON file of TrainConfig keys")
+    train_parser.add_argument(
+        "--recipe", metavar="NAME", help="a shipped recipe (opd-fast recipes lists them)"
+    )
     _add_config_arguments(train_parser)
     train_parser.set_defaults(handler=_train)
 
@@ -151,6 +178,12 @@ def add_train_commands(commands) -> None:
     )
     _add_config_arguments(demo_parser)
     demo_parser.set_defaults(handler=_demo)
+
+    recipes_parser = commands.add_parser(
+        "recipes", help="the shipped recipes: pair, hardware, memory and time to expect"
+    )
+    recipes_parser.add_argument("--json", action="store_true", help="as JSON")
+    recipes_parser.set_defaults(handler=_recipes)
 
     config_parser = commands.add_parser("config", help="print the default config as JSON")
     config_parser.set_defaults(

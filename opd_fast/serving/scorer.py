@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from opd_fast.models.batch import right_padded
+from opd_fast.models.hub import resolve_model
 from opd_fast.models.loading import Placement, load_model, load_tokenizer
 from opd_fast.models.vocabulary import output_rows, tokenizer_fingerprint
 from opd_fast.op.names import MAX_K, smallest_temperature
@@ -270,12 +271,18 @@ class Scorer:
 
     @classmethod
     def from_path(
-        cls, path: str, device: str = "auto", dtype: str = "auto", attention: str = "auto"
+        cls,
+        path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "auto",
+        revision: str | None = None,
     ) -> Scorer:
-        """Load a local Hugging Face model directory ("toy": the toy default's teacher)."""
+        """Load a Hugging Face model directory, a Hub id (ORG/NAME at `revision`, through the
+        Hugging Face cache) or "toy" (the toy default's teacher)."""
         from opd_fast.toy import resolve_toy
 
-        path = resolve_toy({"teacher": path}, progress=False)["teacher"]
+        path = resolve_model(resolve_toy({"teacher": path}, progress=False)["teacher"], revision)
         model = load_model(path, Placement.resolve(device, dtype, attention), False)
         return cls(model, load_tokenizer(path), path)
 

@@ -27,7 +27,8 @@ class TeacherSpec:
     request) before TeacherUnavailableError; long enough to bridge a restart.
     """
 
-    path: str | None = None
+    path: str | None = None  # a folder, or a Hub id (resolved by the caller)
+    revision: str | None = None  # of a Hub id
     url: str | None = None
     token: str | None = None
     api: str = OPD_FAST_API
@@ -40,6 +41,7 @@ class TeacherSpec:
         """From a TrainConfig's teacher keys (teacher_url wins over the teacher path)."""
         return cls(
             path=None if config.teacher_url else config.teacher,
+            revision=config.teacher_revision,
             url=config.teacher_url,
             token=config.teacher_token,
             api=config.teacher_api,

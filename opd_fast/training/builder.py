@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from opd_fast.models.hub import resolve_model
 from opd_fast.models.loading import (
     Placement,
     activation_checkpointing_reason,
@@ -157,6 +158,23 @@ def rollout_unshard(dist: Distributed, wanted: str, student, device: torch.devic
     return fits
 
 
+def resolve_sources(config, spec: TeacherSpec, with_teacher: bool, dist) -> dict[str, str]:
+    """The config's models and data as local paths: "toy" built, Hub ids through the cache."""
+    paths = resolve_toy(
+        {
+            "student": config.student,
+            "teacher": spec.path if with_teacher else None,
+            "train_data": config.train_data,
+            "eval_data": config.eval_data,
+        },
+        progress=config.progress and dist.is_main,
+    )
+    paths["student"] = resolve_model(paths["student"], config.student_revision)
+    if paths.get("teacher"):
+        paths["teacher"] = resolve_model(paths["teacher"], spec.revision)
+    return paths
+
+
 def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_loss) -> Run:
     """Everything `config` names, loaded and checked. teacher: use this Teacher instead of
     building the one the config names; loss_fn: opd_loss or a function with its signature."""
@@ -168,17 +186,10 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
     seed_everything(config.seed + dist.rank)  # each rank samples its own rollouts
     spec = TeacherSpec.from_config(config)
     spec = replace(spec, url=teacher_url_for_rank(spec.url, dist.rank))
-    paths = dist.main_first(  # rank 0 builds the toy world's cache, then the others
-        lambda: resolve_toy(
-            {
-                "student": config.student,
-                "teacher": None if teacher is not None else spec.path,
-                "train_data": config.train_data,
-                "eval_data": config.eval_data,
-            },
-            progress=config.progress and dist.is_main,
-        )
-    )
+    # Rank 0 builds the toy world's cache (and fetches Hub models into the Hugging Face
+    # cache), then the others find them there. A bad Hub name or revision fails here, before
+    # anything loads.
+    paths = dist.main_first(lambda: resolve_sources(config, spec, teacher is None, dist))
     placement = Placement.resolve(
         dist.device_name(config.device), config.dtype, config.attn_implementation
     )
@@ -192,8 +203,12 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
             config.teacher_sharding, checkpoint_bytes(paths["teacher"]), placement.device
         )
     # Data first: a bad row is reported before minutes of model loading.
-    train_examples = load_examples(paths["train_data"])
-    eval_examples = load_examples(paths["eval_data"])
+    train_examples = load_examples(paths["train_data"], config.prompt_column, config.answer_column)
+    eval_examples = load_examples(
+        paths["eval_data"],
+        config.eval_prompt_column or config.prompt_column,
+        config.eval_answer_column or config.answer_column,
+    )
     if config.eval_max_prompts:
         eval_examples = eval_examples[: config.eval_max_prompts]
     pair = load_pair(

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from opd_fast.models.hub import HubError, is_dataset_name, is_model_name, parse_dataset_name
 from opd_fast.op.names import check_k, check_variant_estimator
 from opd_fast.teachers.factory import APIS, OPD_FAST_API
 from opd_fast.toy import TOY
@@ -97,9 +98,13 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Models and data. "toy" selects the embedded default built by opd_fast.toy.
+    # Models and data. "toy" selects the embedded default built by opd_fast.toy; a model is a
+    # folder or a Hub id (ORG/NAME, through the Hugging Face cache, at *_revision), data a
+    # JSONL/Parquet file or hf:ORG/NAME[:SPLIT] with prompt_column and answer_column.
     student: str = TOY
+    student_revision: str | None = None
     teacher: str = TOY
+    teacher_revision: str | None = None
     teacher_url: str | None = None  # a teacher server (instead of the teacher path)
     teacher_token: str | None = None  # bearer token (api key) for the teacher server
     teacher_api: str = OPD_FAST_API  # opd-fast (serve-teacher) | openai (vLLM and others)
@@ -107,6 +112,10 @@ class TrainConfig:
     teacher_wait_s: float = 60.0  # how long to wait for an unreachable teacher server
     train_data: str = TOY  # JSONL or Parquet with "prompt" and "answer" columns
     eval_data: str = TOY
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    eval_prompt_column: str | None = None  # None: prompt_column (eval sets often differ)
+    eval_answer_column: str | None = None  # None: answer_column
     prompt_template: str = "{prompt}"  # or "chat" to use the tokenizer's chat template
     run_dir: str = "runs/opd"
     seed: int = 0
@@ -336,14 +345,23 @@ def _check_ranks(config: TrainConfig, world_size: int) -> None:
 
 
 def _check_paths(config: TrainConfig) -> None:
-    """The model folders and data files the config names exist and are what they should be."""
+    """The model folders and data files the config names exist and are what they should be
+    (a Hub name is resolved, through the cache, before any model loads)."""
+    for name in (
+        "student_revision", "teacher_revision", "prompt_column", "answer_column",
+        "eval_prompt_column", "eval_answer_column",
+    ):  # fmt: skip
+        if getattr(config, name) == "":
+            raise ValueError(f"config: {name} is empty")
     models = ["student"] + ([] if config.teacher_url else ["teacher"])
     for name in models:
         path = getattr(config, name)
-        if path == TOY:
+        if path == TOY or is_model_name(path):
             continue
         if not os.path.exists(path):
-            raise ValueError(f"config: {name} path does not exist: {path}")
+            raise ValueError(
+                f"config: {name} path does not exist (nor is it a Hub id ORG/NAME): {path}"
+            )
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(
                 f"config: {name} is not a Hugging Face model folder (no config.json in it): {path}"
@@ -351,6 +369,12 @@ def _check_paths(config: TrainConfig) -> None:
     for name in ("train_data", "eval_data"):
         path = getattr(config, name)
         if path == TOY:
+            continue
+        if is_dataset_name(path):
+            try:
+                parse_dataset_name(path)
+            except HubError as error:
+                raise ValueError(f"config: {name}: {error}") from None
             continue
         if not os.path.exists(path):
             raise ValueError(f"config: {name} path does not exist: {path}")

@@ -1,4 +1,5 @@
-"""Prompt datasets (JSONL / Parquet with prompt and answer), templates and a resumable sampler."""
+"""Prompt datasets (JSONL / Parquet files, or hf:ORG/NAME[:SPLIT] on the Hub, with a prompt and
+an answer column), templates and a resumable sampler."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import random
 import stat
 from dataclasses import dataclass, field
 
+from opd_fast.models.hub import is_dataset_name, resolve_dataset_files
+
 
 @dataclass(frozen=True)
 class Example:
@@ -17,24 +20,29 @@ class Example:
     source: str = field(default="", compare=False)  # "file:line" (or "file: row N"), for errors
 
 
-def _example(row, path: str, where: str) -> Example:
+def _example(row, path: str, where: str, columns=("prompt", "answer")) -> Example:
     """One row as an Example; a missing, null or non-text field is an error naming the row.
-    A number is a fine answer ("42"); None is not ("None" would be graded as text)."""
+    A number is a fine answer ("42"); None is not ("None" would be graded as text).
+    columns: the names of the prompt and answer fields."""
+    prompt_column, answer_column = columns
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be an object with 'prompt' and 'answer'")
-    for name in ("prompt", "answer"):
+        raise ValueError(
+            f"{where}: a row must be an object with '{prompt_column}' and '{answer_column}'"
+        )
+    for name in columns:
         if name not in row:
             raise ValueError(f"{where}: the row has no '{name}' field (fields: {sorted(row)})")
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise ValueError(f"{where}: 'prompt' must be non-empty text, got {row['prompt']!r}")
-    answer = row["answer"]
+    prompt = row[prompt_column]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: '{prompt_column}' must be non-empty text, got {prompt!r}")
+    answer = row[answer_column]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise ValueError(f"{where}: 'answer' must be text or a number, got {answer!r}")
+        raise ValueError(f"{where}: '{answer_column}' must be text or a number, got {answer!r}")
     if isinstance(answer, float) and not math.isfinite(answer):  # JSON's NaN would grade as "nan"
-        raise ValueError(f"{where}: 'answer' must be a finite number, got {answer!r}")
+        raise ValueError(f"{where}: '{answer_column}' must be a finite number, got {answer!r}")
     if isinstance(answer, str) and not answer.strip():
-        raise ValueError(f"{where}: 'answer' must be non-empty text, got {answer!r}")
-    return Example(prompt=row["prompt"], answer=str(answer), source=where)
+        raise ValueError(f"{where}: '{answer_column}' must be non-empty text, got {answer!r}")
+    return Example(prompt=prompt, answer=str(answer), source=where)
 
 
 def file_kind(path: str) -> str | None:
@@ -96,9 +104,18 @@ def _parquet_rows(path: str) -> list:
     raise ValueError(f"{path}: not valid UTF-8")  # to_pylist failed, no single value does
 
 
-def load_examples(path: str) -> list[Example]:
-    """Read {"prompt", "answer"} rows from .jsonl/.json or .parquet; every error names the file
-    and the line (JSONL) or row (Parquet)."""
+def load_examples(
+    path: str, prompt_column: str = "prompt", answer_column: str = "answer"
+) -> list[Example]:
+    """Read prompt and answer rows from .jsonl/.json or .parquet, or from the files of a data
+    set on the Hub (hf:ORG/NAME[/CONFIG][:SPLIT], through the Hugging Face cache); every error
+    names the file and the line (JSONL) or row (Parquet)."""
+    columns = (prompt_column, answer_column)
+    if is_dataset_name(path):
+        examples = []
+        for file in resolve_dataset_files(path):
+            examples += load_examples(file, *columns)
+        return examples
     if not os.path.exists(path):
         raise ValueError(f"dataset not found: {path}")
     kind = file_kind(path)
@@ -107,7 +124,7 @@ def load_examples(path: str) -> list[Example]:
     examples = []
     if path.endswith(".parquet"):
         for index, row in enumerate(_parquet_rows(path)):
-            examples.append(_example(row, path, f"{path}: row {index}"))
+            examples.append(_example(row, path, f"{path}: row {index}", columns))
     else:
         with open(path, "rb") as handle:
             for line_number, raw in enumerate(handle, 1):
@@ -122,7 +139,7 @@ def load_examples(path: str) -> list[Example]:
                     raise ValueError(
                         f"{where}: not valid JSON ({error.msg}){hint if chr(0) in line else ''}"
                     ) from None
-                examples.append(_example(row, path, where))
+                examples.append(_example(row, path, where, columns))
     if not examples:
         raise ValueError(f"dataset is empty: {path}")
     return examples

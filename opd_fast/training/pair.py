@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_fast.models.hub import resolve_model
 from opd_fast.models.loading import Placement, load_model, load_tokenizer
 from opd_fast.models.vocabulary import eos_token_ids, output_rows, shared_vocab_size
 from opd_fast.op.names import check_k
@@ -42,6 +43,7 @@ class Pair:
         where an in-process teacher loads (default: the student's placement)."""
         if built_teacher is None:
             path = resolve_toy({"teacher": teacher.path}, progress=progress)["teacher"]
+            path = resolve_model(path, teacher.revision) if path else path
             built_teacher = build_teacher(
                 dataclasses.replace(teacher, path=path),
                 placement=teacher_placement or self.placement,
@@ -60,10 +62,16 @@ class Pair:
 
 
 def load_student(
-    student: str, placement: Placement, *, trainable: bool, progress: bool = True
+    student: str,
+    placement: Placement,
+    *,
+    trainable: bool,
+    progress: bool = True,
+    revision: str | None = None,
 ) -> Pair:
-    """The student at `student` (a model directory or "toy"), its teacher still to come."""
-    path = resolve_toy({"student": student}, progress=progress)["student"]
+    """The student at `student` (a model directory, a Hub id at `revision`, or "toy"), its
+    teacher still to come."""
+    path = resolve_model(resolve_toy({"student": student}, progress=progress)["student"], revision)
     tokenizer = load_tokenizer(path)
     model = load_model(path, placement, trainable)
     vocab = output_rows(model)
@@ -77,8 +85,15 @@ def load_pair(
     *,
     student_trainable: bool,
     progress: bool = True,
+    student_revision: str | None = None,
     **teacher_checks,
 ) -> Pair:
     """The student at `student` with its teacher; teacher_checks: Pair.with_teacher's."""
-    loaded = load_student(student, placement, trainable=student_trainable, progress=progress)
+    loaded = load_student(
+        student,
+        placement,
+        trainable=student_trainable,
+        progress=progress,
+        revision=student_revision,
+    )
     return loaded.with_teacher(teacher, progress=progress, **teacher_checks)
