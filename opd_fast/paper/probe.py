@@ -18,22 +18,10 @@ from opd_fast.models.loading import Placement
 from opd_fast.paper.diagnostics import score_rollouts, sequence_auroc
 from opd_fast.teachers.factory import TeacherSpec
 from opd_fast.training.data import load_examples
+from opd_fast.training.health import COMPATIBLE_OVERLAP, verdict
 from opd_fast.training.pair import load_student
 from opd_fast.training.rollouts import SamplingSettings, sample_examples
 from opd_fast.training.rollouts.hf import HFEngine
-
-# The paper's successful pairs start near 0.72 overlap and climb above 0.9; pairs that fail
-# stay low. These cut-offs turn the number into a plain verdict.
-COMPATIBLE_OVERLAP = 0.70
-WEAK_OVERLAP = 0.50
-
-
-def verdict(overlap_ratio: float) -> str:
-    if overlap_ratio >= COMPATIBLE_OVERLAP:
-        return "compatible thinking patterns: OPD should work"
-    if overlap_ratio >= WEAK_OVERLAP:
-        return "weak match: consider an off-policy cold start or a teacher-aligned template"
-    return "incompatible thinking patterns: cold-start the student on teacher outputs first"
 
 
 @dataclass(frozen=True)

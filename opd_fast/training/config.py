@@ -55,6 +55,7 @@ _BOUNDS = (
             "eval_max_prompts",
             "micro_batch_tokens",
             "max_staleness",
+            "health_window",
             "cold_start_steps",
             "rollout_is_cap",
         ),
@@ -190,6 +191,13 @@ class TrainConfig:
     # take over a quarter of a rank's memory).
     fsdp_cpu_offload: bool = False
     teacher_sharding: str = "auto"
+
+    # The live health check (opd_fast.training.health): every health_window steps (0: off),
+    # the run's dynamics against the paper's failure signature; health_stop: stop (with a
+    # checkpoint) when it fails; probe_before_train: the probe's verdict before step 1.
+    health_window: int = 10
+    health_stop: bool = False
+    probe_before_train: bool = False
 
     # Memory: recompute each decoder layer's activations in the backward instead of keeping
     # them (the same loss and gradients).

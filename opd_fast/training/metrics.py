@@ -236,6 +236,11 @@ def summarise(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     ):
         summary[f"{name}_first"] = train[0].get(name) if train else None
         summary[f"{name}_last"] = train[-1].get(name) if train else None
+    checks = [r for r in records if r.get("kind") == "health"]
+    if checks:  # the live health check's last verdict, and the first step it failed at
+        summary["health_verdict"] = checks[-1]["verdict"]
+        failing = [r["step"] for r in checks if r["verdict"] == "failing"]
+        summary["health_first_failing_step"] = failing[0] if failing else None
     return summary
 
 

@@ -19,6 +19,7 @@ import torch
 
 from opd_fast.op.loss import opd_loss
 from opd_fast.teachers.base import Teacher
+from opd_fast.training import health
 from opd_fast.training.builder import Run, build_run
 from opd_fast.training.checkpoints import (
     CheckpointError,
@@ -102,6 +103,49 @@ class Trainer:
             self.ahead.close()
             self.ahead = None
         self.parts.engine.close()
+
+    def _check_health(self) -> dict | None:
+        """Every health_window steps: the health record of the last window (written to the
+        log, and warned about when failing), the same on every rank."""
+        window = self.config.health_window
+        if not window or self.step % window:
+            return None
+
+        def on_main() -> dict | None:
+            train = [r for r in self.parts.log.read() if r.get("kind") == "train"]
+            record = health.check(train, self.step, window)
+            if record is not None:
+                self.parts.log.write(record)
+                if record["verdict"] == "failing":
+                    print("\n" + health.warning(record), flush=True)
+            return record
+
+        return self.parts.dist.on_main(on_main)
+
+    def _probe(self) -> None:
+        """probe_before_train: the probe's verdict on the student's rollouts of up to 8
+        evaluation prompts, before step 1; the random streams are left as they were."""
+        from opd_fast.training.step.rollout import sample
+        from opd_fast.training.step.score import score_batch
+
+        parts = self.parts
+        devices = [parts.device] if parts.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            batch, _ = sample(parts, parts.engine, parts.eval_examples[:8], 1, 1.0, 1.0)
+            scored = score_batch(
+                parts.student, parts.teacher, batch, parts.loss, loss_path=parts.loss_path
+            )
+        metrics = {name: float(value) for name, value in scored.output.metrics.items()}
+        record = {"kind": "probe", "step": self.step, **metrics}
+        record["verdict"] = health.verdict(metrics["overlap_ratio"])
+        parts.log.write(record)
+        if parts.dist.is_main:
+            print(
+                f"probe before training: overlap ratio {metrics['overlap_ratio']:.3f}, "
+                f"overlap-token advantage {metrics['overlap_token_advantage']:.3f}, entropy gap "
+                f"{metrics['entropy_gap']:.3f}: {record['verdict']}",
+                flush=True,
+            )
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -207,6 +251,8 @@ class Trainer:
         if config.cold_start_steps:
             self.cold_start()
             self.evaluate()  # step 0 again: the student OPD starts from
+        if config.probe_before_train:
+            self._probe()
         self._start_sampling_ahead()
 
     def _run_steps(self, resume: bool, stop_after: int | None) -> dict:
@@ -233,6 +279,7 @@ class Trainer:
                 while self.step < config.steps:
                     record = self.train_step()
                     session_steps += 1
+                    health = self._check_health()
                     if (
                         config.eval_every
                         and self.step % config.eval_every == 0
@@ -247,13 +294,22 @@ class Trainer:
                             loss=f"{record['loss']:.4f}", overlap=f"{record['overlap_ratio']:.3f}"
                         )
                     interrupted = self.parts.dist.any(stop.requested)
-                    if interrupted or (stop_after is not None and session_steps >= stop_after):
+                    unhealthy = (
+                        config.health_stop
+                        and health is not None
+                        and (health["verdict"] == "failing")
+                    )
+                    leave = stop_after is not None and session_steps >= stop_after
+                    if interrupted or unhealthy or leave:
                         if self.step < config.steps:
                             path = self.save()
-                            print(f"\nstopped at step {self.step}; checkpoint: {path}", flush=True)
+                            why = "health_stop: the run is failing; " if unhealthy else ""
+                            print(f"\n{why}stopped at step {self.step}; checkpoint: {path}",
+                                  flush=True)  # fmt: skip
                             if interrupted:
                                 raise KeyboardInterrupt
-                            return {"stopped_at_step": self.step, "checkpoint": path}
+                            stopped = {"stopped_at_step": self.step, "checkpoint": path}
+                            return {**stopped, "health": health} if unhealthy else stopped
             except TrainingDiverged as error:
                 kept = latest_checkpoint(config.run_dir)
                 raise TrainingDiverged(
