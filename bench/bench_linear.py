@@ -13,12 +13,17 @@ Implementations (--impls):
                 gathers, the pg loss, and its backward at once (autograd.grad into h's chunk
                 and W's gradient); loss only, no metrics (the two others compute all of them)
 
-Per row (impl, N, H, dtype): the median / min / max wall time of --repeats calls after one
-warm-up, and the peak memory above the inputs. Each row runs in a fresh subprocess: after the
-inputs are made and one small warm-up call ran, the process's RSS high-water mark is reset
-(/proc/self/clear_refs), one call runs, and VmHWM - VmRSS(before) is the peak (CPU); on CUDA
-max_memory_allocated - memory_allocated after reset_peak_memory_stats. The load average is
-recorded with every row: on a shared machine, compare rows of the same run only.
+Per row (impl, N, H, dtype, interleave): the median / min / max wall time of --repeats calls
+after one warm-up, their spread (max / min), and the peak memory above the inputs.
+--interleave off eager compile alloc runs each timed (and warm-up) call after that kind of
+torch work on (N, V) tensors (bench/interleave.py, with the teacher logits as both inputs);
+off = back to back. The kinds run one after another in the same process, from the same inputs;
+the rows of the other kinds give x_back_to_back, their median over the `off` row's. Each
+(impl, N, H, dtype) runs in a fresh subprocess: after the inputs are made and one small
+warm-up call ran, the process's RSS high-water mark is reset (/proc/self/clear_refs), one
+call runs, and VmHWM - VmRSS(before) is the peak (CPU); on CUDA max_memory_allocated -
+memory_allocated after reset_peak_memory_stats. The load average is recorded with every row:
+on a shared machine, compare rows of the same run only.
 
 Example (the issue's CPU target):
   python bench/bench_linear.py --device cpu --n 4096 --hidden 256 --dtypes fp32
@@ -37,6 +42,8 @@ import time
 from pathlib import Path
 
 import torch
+from interleave import KINDS as INTERLEAVE_KINDS  # bench/interleave.py
+from interleave import make_interleave
 from machine import git_info, machine_info  # bench/machine.py
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +144,7 @@ def make_inputs(rows, hidden_size, vocab, dtype, device, seed=0):
     return hidden, weight, teacher
 
 
-def run_row(args) -> dict:
+def run_row(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     function = IMPLEMENTATIONS[args.impl]
@@ -164,61 +171,82 @@ def run_row(args) -> dict:
     first_s = time.perf_counter() - started
     loss = float(result[0])
     del result
-    times = []
-    loads = []
-    for _ in range(args.repeats):
-        loads.append(os.getloadavg()[0])
-        started = time.perf_counter()
-        function(hidden, weight, teacher, args.k, chunk)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return {
-        "impl": args.impl,
-        "n": args.n,
-        "hidden": args.hidden,
-        "vocab": args.vocab,
-        "dtype": args.dtype,
-        "k": args.k,
-        "chunk_tokens": chunk,
-        "loss": loss,
-        "first_call_s": first_s,
-        "median_ms": 1e3 * statistics.median(times) if times else 1e3 * first_s,
-        "min_ms": 1e3 * min(times) if times else None,
-        "max_ms": 1e3 * max(times) if times else None,
-        "times_ms": [1e3 * t for t in times],
-        "peak_memory_above_inputs_mib": peak / 2**20,
-        "load_average_1min": loads or [os.getloadavg()[0]],
-    }
+    rows = []
+    for kind in args.interleave:
+        between = make_interleave(kind, teacher, teacher)
+        if kind != args.interleave[0]:  # the first kind's warm-up was the measured call
+            between()
+            function(hidden, weight, teacher, args.k, chunk)
+        times = []
+        loads = []
+        for _ in range(args.repeats):
+            between()
+            loads.append(os.getloadavg()[0])
+            started = time.perf_counter()
+            function(hidden, weight, teacher, args.k, chunk)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        rows.append(
+            {
+                "impl": args.impl,
+                "n": args.n,
+                "hidden": args.hidden,
+                "vocab": args.vocab,
+                "dtype": args.dtype,
+                "k": args.k,
+                "chunk_tokens": chunk,
+                "interleave": kind,
+                "loss": loss,
+                "first_call_s": first_s,
+                "median_ms": 1e3 * statistics.median(times) if times else 1e3 * first_s,
+                "min_ms": 1e3 * min(times) if times else None,
+                "max_ms": 1e3 * max(times) if times else None,
+                "spread": max(times) / min(times) if times else None,
+                "times_ms": [1e3 * t for t in times],
+                "peak_memory_above_inputs_mib": peak / 2**20,
+                "load_average_1min": loads or [os.getloadavg()[0]],
+            }
+        )
+    return rows
 
 
-def _subprocess_row(args, impl, rows, hidden_size, dtype) -> dict:
+def _subprocess_rows(args, impl, rows, hidden_size, dtype) -> list[dict]:
+    """The rows of (impl, N, H, dtype), one per --interleave kind, from a fresh process."""
     argv = [sys.executable, __file__, "--row", "--impl", impl, "--n", str(rows)]
     argv += ["--hidden", str(hidden_size), "--dtypes", dtype, "--device", args.device]
     argv += ["--vocab", str(args.vocab), "--k", str(args.k), "--repeats", str(args.repeats)]
-    argv += ["--torch-chunk", str(args.torch_chunk)]
+    argv += ["--torch-chunk", str(args.torch_chunk), "--interleave", *args.interleave]
     if args.chunk_tokens:
         argv += ["--chunk-tokens", str(args.chunk_tokens)]
     try:
         completed = subprocess.run(argv, capture_output=True, text=True, timeout=args.max_row_s)
     except subprocess.TimeoutExpired:
-        return {"impl": impl, "n": rows, "hidden": hidden_size, "dtype": dtype,
-                "status": "failed", "error": f"timed out after {args.max_row_s} s"}  # fmt: skip
+        return [{"impl": impl, "n": rows, "hidden": hidden_size, "dtype": dtype,
+                 "status": "failed", "error": f"timed out after {args.max_row_s} s"}]  # fmt: skip
     if completed.returncode != 0:
-        return {"impl": impl, "n": rows, "hidden": hidden_size, "dtype": dtype,
-                "status": "failed", "error": completed.stderr[-2000:]}  # fmt: skip
-    return {"status": "ok", **json.loads(completed.stdout.strip().splitlines()[-1])}
+        return [{"impl": impl, "n": rows, "hidden": hidden_size, "dtype": dtype,
+                 "status": "failed", "error": completed.stderr[-2000:]}]  # fmt: skip
+    return [
+        {"status": "ok", **row} for row in json.loads(completed.stdout.strip().splitlines()[-1])
+    ]
 
 
 def _ratios(rows):
-    """Per (n, hidden, dtype): fused's time and memory over the materialised path's."""
+    """Per (n, hidden, dtype, interleave): fused's time and memory over the materialised path's;
+    per row, its median over the back-to-back (interleave off) row of the same impl."""
     table = {}
     for row in rows:
         if row.get("status") == "ok":
-            table[(row["n"], row["hidden"], row["dtype"], row["impl"])] = row
+            table[(row["n"], row["hidden"], row["dtype"], row["interleave"], row["impl"])] = row
     for row in rows:
-        key = (row["n"], row["hidden"], row["dtype"])
-        if row["impl"] != "fused" or row.get("status") != "ok":
+        if row.get("status") != "ok":
+            continue
+        key = (row["n"], row["hidden"], row["dtype"], row["interleave"])
+        back_to_back = table.get((*key[:3], "off", row["impl"]))
+        if row["interleave"] != "off" and back_to_back:
+            row["x_back_to_back"] = row["median_ms"] / back_to_back["median_ms"]
+        if row["impl"] != "fused":
             continue
         for other in ("materialised", "chunked_torch"):
             base = table.get((*key, other))
@@ -230,15 +258,19 @@ def _ratios(rows):
 
 
 def report(rows):
+    interleaved = any(row.get("interleave", "off") != "off" for row in rows)
+    extra_head, extra_rule = (" between | max / min | x back to back |", "---|---|---|")
+    if not interleaved:
+        extra_head, extra_rule = "", ""
     lines = [
         "| N | H | dtype | impl | median ms (min-max) | peak MiB above inputs | "
-        "time / materialised | memory / materialised | time / chunked_torch | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "time / materialised | memory / materialised | time / chunked_torch | load |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for row in rows:
         if row.get("status") != "ok":
             lines.append(f"| {row['n']} | {row['hidden']} | {row['dtype']} | {row['impl']} | "
-                         "failed | | | | | |")  # fmt: skip
+                         "failed | | | | | |" + (" | | |" if interleaved else ""))  # fmt: skip
             continue
 
         def ratio(name, row=row):
@@ -246,12 +278,19 @@ def report(rows):
             return "" if value is None else f"{value:.3f}"
 
         spread = f"{row['median_ms']:,.0f} ({row['min_ms'] or 0:,.0f}-{row['max_ms'] or 0:,.0f})"
-        load = "-".join(f"{x:.0f}" for x in (min(row["load_average_1min"]),
+        load = "-".join(f"{x:.1f}" for x in (min(row["load_average_1min"]),
                                              max(row["load_average_1min"])))  # fmt: skip
+        extra = ""
+        if interleaved:
+            extra = (
+                f" {row.get('interleave', 'off')} | {row['spread'] or 0:.2f} | "
+                f"{ratio('x_back_to_back')} |"
+            )
         lines.append(
             f"| {row['n']} | {row['hidden']} | {row['dtype']} | {row['impl']} | {spread} | "
             f"{row['peak_memory_above_inputs_mib']:,.0f} | {ratio('time_vs_materialised')} | "
             f"{ratio('memory_vs_materialised')} | {ratio('time_vs_chunked_torch')} | {load} |"
+            + extra
         )
     return "\n".join(lines)
 
@@ -268,6 +307,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=None, help="fused; default: budget")
     parser.add_argument("--torch-chunk", type=int, default=1024, help="chunked_torch's chunk")
+    parser.add_argument(
+        "--interleave",
+        nargs="+",
+        default=["off"],
+        choices=INTERLEAVE_KINDS,
+        help="torch work before each timed call (bench/interleave.py); off = back to back",
+    )
     parser.add_argument("--max-row-s", type=float, default=900)
     parser.add_argument("--out", default=None)
     parser.add_argument("--report", default=None, help="print a results file as a table")
@@ -295,11 +341,12 @@ def main():
         for hidden_size in args.hidden:
             for rows_n in args.n:
                 for impl in args.impls:
-                    row = _subprocess_row(args, impl, rows_n, hidden_size, dtype)
-                    rows.append(row)
+                    new_rows = _subprocess_rows(args, impl, rows_n, hidden_size, dtype)
+                    rows.extend(new_rows)
                     _ratios(rows)
-                    print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}),
-                          flush=True)  # fmt: skip
+                    for row in new_rows:
+                        print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}),
+                              flush=True)  # fmt: skip
                     with open(out, "w") as handle:
                         json.dump({**header, "rows": rows}, handle, indent=1)
     print(report(rows))

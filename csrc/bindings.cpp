@@ -8,6 +8,7 @@
 
 #include "kernels/cpu/kernels.h"
 #include "kernels/names.h"
+#include "launchers/cpu_workspace.h"
 
 namespace {
 
@@ -30,6 +31,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = OPD_FAST_TORCH_VERSION;  // the torch this was compiled against
   m.def("cpu_instruction_set", &opd_fast::cpu::instruction_set,
         "Instruction set the CPU kernels dispatch to on this machine");
+  // The CPU backward's kept gradient block (launchers/cpu_workspace.h).
+  m.def("cpu_workspace_bytes", &opd_fast::cpu_workspace_bytes,
+        "Bytes of the gradient block the CPU backward keeps across calls (0: none)");
+  m.def("cpu_workspace_in_use", &opd_fast::cpu_workspace_in_use,
+        "Whether a gradient the CPU backward returned still holds its kept block");
+  m.def("release_cpu_workspace", &opd_fast::release_cpu_workspace,
+        "Free the CPU backward's kept gradient block (when no gradient holds it; else when "
+        "the last one dies)");
   // In enum order: the index of a name is the value the kernels use.
   m.attr("variants") = names_tuple(opd_fast::kVariantNames);
   m.attr("estimators") = names_tuple(opd_fast::kEstimatorNames);

@@ -59,3 +59,25 @@ def test_competing_load_is_pinned_and_stopped(tmp_path):
     loaded = [row for row in document["rows"] if row["competing_load"]]
     assert len(loaded) == 2 and all(row["slowdown_under_load"] > 0 for row in loaded)
     assert all("speedup_vs_careful" in r for r in document["rows"] if r["impl"] == "opd_fast")
+
+
+def test_interleaved_rows_beside_back_to_back(tmp_path):
+    document = run_bench(
+        tmp_path, "--impls", "opd_fast", "floor", "--interleave", "off", "eager", "alloc"
+    )
+    rows = document["rows"]
+    assert [(row["impl"], row["interleave"]) for row in rows] == [
+        (impl, kind) for impl in ("opd_fast", "floor") for kind in ("off", "eager", "alloc")
+    ]
+    for row in rows:
+        assert row["status"] == "ok" and row["spread"] >= 1.0
+        assert ("x_back_to_back" in row) == (row["interleave"] != "off")
+        if row["impl"] == "opd_fast":
+            assert row["x_floor"] > 0  # against the floor interleaved the same way
+    targets = {t["interleave"]: t for t in document["targets"]}
+    assert targets["off"]["meets_x_floor"] is not None
+    # 2 calls are too few for a spread verdict; no careful_compile: no verdict
+    assert targets["eager"]["meets_spread"] is False
+    assert targets["eager"]["meets_vs_careful_compile"] is None
+    table = bench_opd.markdown_table(document)
+    assert "| eager |" in table and "x back to back" in table

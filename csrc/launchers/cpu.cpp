@@ -3,12 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "kernels/cpu/kernels.h"
+#include "launchers/cpu_workspace.h"
 #include "launchers/kernel_args.h"
 #include "launchers/launchers.h"
 
@@ -25,21 +24,6 @@ cpu::ElementType element_type(at::ScalarType dtype) {
   }
 }
 
-// A fresh (N, V) gradient costs one page fault per 4 KiB on first write, which for large
-// buffers takes longer than the kernel itself; ask for transparent huge pages instead.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t aligned_begin = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t aligned_end = end & ~(kHuge - 1);
-  if (aligned_end > aligned_begin) {
-    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
-  }
-#endif
-}
-
 // Rows are ~V exps each; a chunk of a few rows keeps threads busy without much overhead.
 constexpr int64_t kRowGrain = 4;
 
@@ -50,9 +34,10 @@ constexpr int64_t kRowGrain = 4;
 // waits for its slowest thread, and on a machine where another process shares a core that
 // thread is descheduled for whole time slices: the op slowed 3-15x under one competing busy
 // process while eager PyTorch slowed ~2x (bench/bench_cpu_load.py). Dynamic chunks let the
-// threads that do run take over the rows of the one that does not. Each chunk's gradient rows
-// are first written (page-faulted in) by the thread that computes them. The thread count is
-// torch's (torch.set_num_threads), never more than there are chunks.
+// threads that do run take over the rows of the one that does not. The thread count is torch's
+// (torch.set_num_threads), never more than there are chunks. The region runs on the OpenMP
+// runtime torch itself uses (one libgomp in the process), so it shares torch's thread team;
+// its idle threads spin about 8 ms after a call before they sleep (libgomp's default).
 template <typename Args, typename Plan, typename Outputs>
 void run_on_cpu(const Plan& plan, const at::Tensor& logits, const Outputs& outputs) {
   Args args{};
@@ -90,8 +75,7 @@ ForwardResult Launchers<Backend::kCpu>::opd_forward(const ForwardPlan& plan) {
 
 template <>
 at::Tensor Launchers<Backend::kCpu>::opd_backward(const BackwardPlan& plan) {
-  at::Tensor grad_student = at::empty(plan.student.sizes(), plan.student.options());
-  advise_huge_pages(grad_student);
+  at::Tensor grad_student = cpu_gradient_buffer(plan.student.sizes(), plan.student.options());
   run_on_cpu<cpu::BackwardArgs>(plan, plan.student, grad_student);
   return grad_student;
 }
