@@ -92,6 +92,13 @@ def print_summary(summary: dict, run_dir: str) -> None:
     ):
         first, last = summary.get(f"{name}_first"), summary.get(f"{name}_last")
         rows.append((f"{name} first -> last", f"{_format(first)} -> {_format(last)}"))
+    for key in sorted(summary):  # several teachers: each one's accuracy and dynamics
+        if key.startswith("teacher_accuracy/"):
+            rows.append((key, summary[key]))
+        elif "/" in key and key.endswith("_first"):
+            name = key[: -len("_first")]
+            first, last = summary[key], summary.get(f"{name}_last")
+            rows.append((f"{name} first -> last", f"{_format(first)} -> {_format(last)}"))
     rows.append(("wall seconds", summary.get("wall_seconds")))
     width = max(len(name) for name, _ in rows)
     print()

@@ -51,6 +51,48 @@ class TeacherSpec:
         )
 
 
+    @classmethod
+    def from_entry(cls, name: str, entry, config) -> TeacherSpec:
+        """From one entry of a config's `teachers` mapping: a model (a folder, a Hub id or
+        "toy"), or a mapping of this class's fields (path or url; revision, token, api,
+        model). ValueError naming `teachers.<name>` for any other shape."""
+        where = f"config: teachers.{name}"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{where} must be a model (folder or Hub id) or a mapping of {ENTRY_KEYS}, "
+                f"got {entry!r}"
+            )
+        unknown = sorted(set(entry) - set(ENTRY_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(ENTRY_KEYS)}")
+        for key, value in entry.items():
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{where}.{key} must be non-empty text, got {value!r}")
+        if (entry.get("path") is None) == (entry.get("url") is None):
+            raise ValueError(f"{where} needs exactly one of path (a model) and url (a server)")
+        api = entry.get("api") or OPD_FAST_API
+        if api not in APIS:
+            raise ValueError(f"{where}.api must be one of {APIS}, got {api!r}")
+        if api != OPD_FAST_API and not (entry.get("url") and entry.get("model")):
+            raise ValueError(f"{where}: api {api!r} needs url and model")
+        return cls(
+            path=entry.get("path"),
+            revision=entry.get("revision"),
+            url=entry.get("url"),
+            token=entry.get("token"),
+            api=api,
+            model=entry.get("model"),
+            batch_size=config.teacher_batch_size,
+            wait_s=config.teacher_wait_s,
+        )
+
+
+# The keys of one entry of a config's `teachers` mapping (TeacherSpec's own names).
+ENTRY_KEYS = ("path", "revision", "url", "token", "api", "model")
+
+
 def _retry(spec: TeacherSpec):
     from opd_fast.teachers.http import RetryPolicy
 

@@ -12,7 +12,7 @@ import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from opd_fast.teachers.base import Teacher
 from opd_fast.teachers.factory import TeacherSpec
 from opd_fast.toy import resolve_toy
 from opd_fast.training.checkpoints import Checkpointer, make_checkpointer
-from opd_fast.training.config import TrainConfig
+from opd_fast.training.config import TrainConfig, teacher_specs
 from opd_fast.training.data import Example, PromptSampler, check_prompt_lengths, load_examples
 from opd_fast.training.distributed import (
     Distributed,
@@ -43,6 +43,7 @@ from opd_fast.training.metrics import MetricsLog
 from opd_fast.training.pair import Pair, load_pair
 from opd_fast.training.rollouts import RolloutEngine, make_engine
 from opd_fast.training.step.score import LossSettings, choose_loss_path
+from opd_fast.training.teacher_routes import TeacherRoutes
 
 
 def seed_everything(seed: int) -> None:
@@ -87,6 +88,9 @@ class Run:
     log: MetricsLog
     checkpointer: Checkpointer
     memory: PeakMemory
+    # Several teachers: which prompt goes to which, and each by name (None, {}: one teacher).
+    routes: TeacherRoutes | None = None
+    teachers: dict[str, Teacher] = field(default_factory=dict)
 
     @property
     def student(self) -> torch.nn.Module:
@@ -94,7 +98,11 @@ class Run:
 
     @property
     def teacher(self) -> Teacher:
+        """The run's teacher (with several: the default one, or the first)."""
         return self.pair.teacher
+
+    def teacher_of(self, name: str | None) -> Teacher:
+        return self.pair.teacher if name is None else self.teachers[name]
 
     @property
     def tokenizer(self):
@@ -158,21 +166,31 @@ def rollout_unshard(dist: Distributed, wanted: str, student, device: torch.devic
     return fits
 
 
-def resolve_sources(config, spec: TeacherSpec, with_teacher: bool, dist) -> dict[str, str]:
-    """The config's models and data as local paths: "toy" built, Hub ids through the cache."""
-    paths = resolve_toy(
-        {
-            "student": config.student,
-            "teacher": spec.path if with_teacher else None,
-            "train_data": config.train_data,
-            "eval_data": config.eval_data,
-        },
-        progress=config.progress and dist.is_main,
-    )
+def resolve_sources(
+    config, specs: dict[str, TeacherSpec], with_teacher: bool, dist
+) -> dict[str, str]:
+    """The config's models and data as local paths: "toy" built, Hub ids through the cache.
+    specs: the run's teachers by name; an in-process one's path is under "teacher" (a single
+    teacher) or "teachers.<name>"."""
+    keys = {
+        "student": config.student,
+        "train_data": config.train_data,
+        "eval_data": config.eval_data,
+    }
+    teachers = {_teacher_key(config, name): spec for name, spec in specs.items() if with_teacher}
+    paths = resolve_toy(keys, progress=config.progress and dist.is_main)
     paths["student"] = resolve_model(paths["student"], config.student_revision)
-    if paths.get("teacher"):
-        paths["teacher"] = resolve_model(paths["teacher"], spec.revision)
+    paths["teacher"] = None  # a server, or a built teacher: no folder
+    for key, spec in teachers.items():
+        paths[key] = None
+        if spec.path is not None:
+            path = resolve_toy({"teacher": spec.path}, progress=config.progress and dist.is_main)
+            paths[key] = resolve_model(path["teacher"], spec.revision)
     return paths
+
+
+def _teacher_key(config, name: str) -> str:
+    return f"teachers.{name}" if config.teachers else "teacher"
 
 
 def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_loss) -> Run:
@@ -184,12 +202,20 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
     # Under torchrun: a process group, this rank's device; else a no-op single process.
     dist = Distributed.from_env(config.device)
     seed_everything(config.seed + dist.rank)  # each rank samples its own rollouts
-    spec = TeacherSpec.from_config(config)
-    spec = replace(spec, url=teacher_url_for_rank(spec.url, dist.rank))
+    routes = TeacherRoutes.from_config(config)
+    if routes is not None and teacher is not None:
+        raise ValueError(
+            "build_run: a built teacher replaces the config's one teacher, not teachers"
+        )
+    specs = teacher_specs(config) if routes else {"teacher": TeacherSpec.from_config(config)}
+    specs = {
+        name: replace(spec, url=teacher_url_for_rank(spec.url, dist.rank))
+        for name, spec in specs.items()
+    }
     # Rank 0 builds the toy world's cache (and fetches Hub models into the Hugging Face
     # cache), then the others find them there. A bad Hub name or revision fails here, before
     # anything loads.
-    paths = dist.main_first(lambda: resolve_sources(config, spec, teacher is None, dist))
+    paths = dist.main_first(lambda: resolve_sources(config, specs, teacher is None, dist))
     placement = Placement.resolve(
         dist.device_name(config.device), config.dtype, config.attn_implementation
     )
@@ -197,35 +223,39 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
         reason = activation_checkpointing_reason(paths["student"])
         if reason is not None:
             raise ValueError(f"config: activation_checkpointing is not possible: {reason}")
-    teacher_sharding = "replicate"
-    if teacher is None and spec.url is None:
-        teacher_sharding = dist.teacher_sharding(
-            config.teacher_sharding, checkpoint_bytes(paths["teacher"]), placement.device
+    sharding = {
+        name: dist.teacher_sharding(
+            config.teacher_sharding,
+            checkpoint_bytes(paths[_teacher_key(config, name)]),
+            placement.device,
         )
-    # Data first: a bad row is reported before minutes of model loading.
-    train_examples = load_examples(paths["train_data"], config.prompt_column, config.answer_column)
+        if teacher is None and spec.url is None
+        else "replicate"
+        for name, spec in specs.items()
+    }
+    # Data first: a bad row (or a teacher name the config lacks) is reported before minutes of
+    # model loading.
+    teacher_column = config.teacher_column if routes else None
+    train_examples = load_examples(
+        paths["train_data"], config.prompt_column, config.answer_column, teacher_column
+    )
     eval_examples = load_examples(
         paths["eval_data"],
         config.eval_prompt_column or config.prompt_column,
         config.eval_answer_column or config.answer_column,
+        teacher_column,
     )
     if config.eval_max_prompts:
         eval_examples = eval_examples[: config.eval_max_prompts]
-    pair = load_pair(
-        paths["student"],
-        replace(spec, path=paths["teacher"]),
-        placement,
-        student_trainable=True,
-        variant=config.variant,
-        k=config.k,
-        built_teacher=teacher,
-        # A teacher to shard loads into host memory; FSDP moves each rank's shard to its device.
-        teacher_placement=replace(placement, device=torch.device("cpu"))
-        if teacher_sharding == "shard"
-        else None,
+    if routes is not None:
+        routes.check(train_examples, config.teacher_column, "train_data")
+        routes.check(eval_examples, config.teacher_column, "eval_data")
+    pair, teachers = _load_student_and_teachers(
+        config, paths, specs, sharding, placement, teacher, routes
     )
-    if teacher_sharding == "shard":
-        dist.shard_frozen(pair.teacher.local_model)
+    for name, built in teachers.items():
+        if sharding[name] == "shard":
+            dist.shard_frozen(built.local_model)
     if config.activation_checkpointing:
         enable_activation_checkpointing(pair.student)
     pair.student = dist.shard(pair.student, placement.dtype, config.fsdp_cpu_offload)
@@ -272,6 +302,8 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     os.makedirs(config.run_dir, exist_ok=True)
     log = open_run_log(config.run_dir, config.loggers, config.to_dict(), dist.is_main)
+    if routes is not None:  # the default teacher's folder, for what samples it
+        paths["teacher"] = paths[_teacher_key(config, routes.default or routes.names[0])]
     return Run(
         config=config,
         dist=dist,
@@ -290,4 +322,41 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
         log=log,
         checkpointer=make_checkpointer(config.run_dir, dist),
         memory=memory,
+        routes=routes,
+        teachers=teachers if routes is not None else {},
     )
+
+
+def _load_student_and_teachers(config, paths, specs, sharding, placement, built, routes):
+    """The student with its (first) teacher, and every teacher by name; the loss's vocabulary
+    is the columns the student shares with all of them."""
+
+    def where(name: str) -> dict:
+        # A teacher to shard loads into host memory; FSDP moves each rank's shard to its device.
+        if sharding[name] == "shard":
+            return {"teacher_placement": replace(placement, device=torch.device("cpu"))}
+        return {}
+
+    def spec_of(name: str) -> TeacherSpec:
+        return replace(specs[name], path=paths.get(_teacher_key(config, name)))
+
+    names = list(specs)
+    first = routes.default or names[0] if routes is not None else names[0]
+    pair = load_pair(
+        paths["student"],
+        spec_of(first),
+        placement,
+        student_trainable=True,
+        variant=config.variant,
+        k=config.k,
+        built_teacher=built,
+        **where(first),
+    )
+    teachers, vocab = {first: pair.teacher}, pair.vocab
+    for name in names:
+        if name != first:
+            other = pair.with_teacher(
+                spec_of(name), variant=config.variant, k=config.k, **where(name)
+            )
+            teachers[name], vocab = other.teacher, min(vocab, other.vocab)
+    return replace(pair, vocab=vocab), {name: teachers[name] for name in names}

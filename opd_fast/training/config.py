@@ -19,7 +19,7 @@ import yaml
 
 from opd_fast.models.hub import HubError, is_dataset_name, is_model_name, parse_dataset_name
 from opd_fast.op.names import check_k, check_variant_estimator
-from opd_fast.teachers.factory import APIS, OPD_FAST_API
+from opd_fast.teachers.factory import APIS, OPD_FAST_API, TeacherSpec
 from opd_fast.toy import TOY
 from opd_fast.training.data import file_kind
 from opd_fast.training.distributed import env_world_size
@@ -111,6 +111,12 @@ class TrainConfig:
     teacher_api: str = OPD_FAST_API  # opd-fast (serve-teacher) | openai (vLLM and others)
     teacher_model: str | None = None  # teacher_api=openai: the served model's name
     teacher_wait_s: float = 60.0  # how long to wait for an unreachable teacher server
+    # Several teachers: name -> a model (folder, Hub id, "toy") or a mapping of path/url,
+    # revision, token, api, model. Each prompt goes to the teacher its data row names in
+    # teacher_column, else to default_teacher. Leave teacher/teacher_url unset with it.
+    teachers: dict | None = None
+    teacher_column: str = "teacher"
+    default_teacher: str | None = None
     train_data: str = TOY  # JSONL or Parquet with "prompt" and "answer" columns
     eval_data: str = TOY
     prompt_column: str = "prompt"
@@ -243,6 +249,7 @@ class TrainConfig:
             raise ValueError(
                 "config: teacher_token is empty (leave it out for a server without a token)"
             )
+        _check_teachers(self)
         _check_template(self.prompt_template)
         parse_loggers(self.loggers)
         _check_packing(self)
@@ -285,14 +292,75 @@ def _check_type(name: str, declared: str, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok and not math.isfinite(value):
             raise ValueError(f"config: {name} must be a finite number, got {value}")
+    elif kind == "dict":
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:
-        wanted = {"bool": "true or false", "int": "an integer", "float": "a number"}
+        wanted = {
+            "bool": "true or false", "int": "an integer", "float": "a number",
+            "dict": "a mapping",
+        }  # fmt: skip
         raise ValueError(
             f"config: {name} must be {wanted.get(kind, 'a string')}, "
             f"got {value!r} ({type(value).__name__})"
         )
+
+
+# A teacher's name becomes part of metric names (overlap_ratio/<name>).
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def teacher_specs(config: TrainConfig) -> dict[str, TeacherSpec]:
+    """The config's `teachers` as specs, by name (empty for a single-teacher run)."""
+    return {
+        name: TeacherSpec.from_entry(name, entry, config)
+        for name, entry in (config.teachers or {}).items()
+    }
+
+
+def _check_teachers(config: TrainConfig) -> None:
+    if config.teachers is None:
+        if config.default_teacher is not None:
+            raise ValueError("config: default_teacher needs teachers (a mapping name -> teacher)")
+        return
+    if not config.teachers:
+        raise ValueError("config: teachers is empty (leave it out for a single teacher)")
+    if config.teacher != TOY or config.teacher_url is not None:
+        raise ValueError(
+            "config: give teacher/teacher_url (one teacher) or teachers (several), not both"
+        )
+    for name in config.teachers:
+        if not isinstance(name, str) or not _TEACHER_NAME.fullmatch(name):
+            raise ValueError(
+                f"config: teachers: a name must be letters, digits, '_', '.' or '-', got {name!r}"
+            )
+    specs = teacher_specs(config)
+    if config.default_teacher is not None and config.default_teacher not in specs:
+        raise ValueError(
+            f"config: default_teacher {config.default_teacher!r} is not one of the teachers "
+            f"({', '.join(specs)})"
+        )
+    if not config.teacher_column:
+        raise ValueError("config: teacher_column is empty")
+    if config.cold_start_steps:
+        raise ValueError(
+            "config: cold_start_steps samples one teacher's answers; with several teachers, "
+            "cold-start the student with `opd-fast sft` first"
+        )
+    if config.pack_sequences and any(spec.url for spec in specs.values()):
+        raise ValueError(
+            "config: pack_sequences needs in-process teachers: a teacher server scores one "
+            "sequence per row (use micro_batch_tokens without packing)"
+        )
+    for name, spec in specs.items():
+        if spec.path is not None:
+            _check_model_path(f"teachers.{name}", spec.path)
+        if spec.url is not None and not _is_http_url(spec.url):
+            raise ValueError(
+                f"config: teachers.{name}.url must be http(s)://host[:port][/prefix], "
+                f"got {spec.url!r}"
+            )
 
 
 def _check_template(template: str) -> None:
@@ -363,17 +431,7 @@ def _check_paths(config: TrainConfig) -> None:
             raise ValueError(f"config: {name} is empty")
     models = ["student"] + ([] if config.teacher_url else ["teacher"])
     for name in models:
-        path = getattr(config, name)
-        if path == TOY or is_model_name(path):
-            continue
-        if not os.path.exists(path):
-            raise ValueError(
-                f"config: {name} path does not exist (nor is it a Hub id ORG/NAME): {path}"
-            )
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(
-                f"config: {name} is not a Hugging Face model folder (no config.json in it): {path}"
-            )
+        _check_model_path(name, getattr(config, name))
     for name in ("train_data", "eval_data"):
         path = getattr(config, name)
         if path == TOY:
@@ -393,6 +451,19 @@ def _check_paths(config: TrainConfig) -> None:
         raise ValueError(f"config: run_dir exists and is not a folder: {config.run_dir}")
 
 
+def _check_model_path(name: str, path: str) -> None:
+    if path == TOY or is_model_name(path):
+        return
+    if not os.path.exists(path):
+        raise ValueError(
+            f"config: {name} path does not exist (nor is it a Hub id ORG/NAME): {path}"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"config: {name} is not a Hugging Face model folder (no config.json in it): {path}"
+        )
+
+
 def _coerce(name: str, raw: Any) -> Any:
     """A --set string, or a YAML/JSON value, as the field's declared type where that is
     lossless (the type itself is checked by validate)."""
@@ -407,6 +478,11 @@ def _coerce(name: str, raw: Any) -> Any:
         return raw
     if raw.lower() in ("none", "null") and "None" in declared:
         return None
+    if kind == "dict":  # --set teachers='{math: /models/a, code: /models/b}'
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"config: {name} must be a YAML/JSON mapping, got {raw!r}") from None
     if kind == "bool":
         if raw.lower() in ("1", "true", "yes", "on"):
             return True

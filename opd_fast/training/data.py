@@ -18,18 +18,20 @@ class Example:
     prompt: str
     answer: str
     source: str = field(default="", compare=False)  # "file:line" (or "file: row N"), for errors
+    teacher: str | None = None  # the teacher this prompt goes to (several teachers; None: default)
 
 
-def _example(row, path: str, where: str, columns=("prompt", "answer")) -> Example:
+def _example(row, path: str, where: str, columns=("prompt", "answer", None)) -> Example:
     """One row as an Example; a missing, null or non-text field is an error naming the row.
     A number is a fine answer ("42"); None is not ("None" would be graded as text).
-    columns: the names of the prompt and answer fields."""
-    prompt_column, answer_column = columns
+    columns: the names of the prompt, answer and (None: not read) teacher fields; a row
+    without a teacher field, or with null there, goes to the default teacher."""
+    prompt_column, answer_column, teacher_column = columns
     if not isinstance(row, dict):
         raise ValueError(
             f"{where}: a row must be an object with '{prompt_column}' and '{answer_column}'"
         )
-    for name in columns:
+    for name in (prompt_column, answer_column):
         if name not in row:
             raise ValueError(f"{where}: the row has no '{name}' field (fields: {sorted(row)})")
     prompt = row[prompt_column]
@@ -42,7 +44,10 @@ def _example(row, path: str, where: str, columns=("prompt", "answer")) -> Exampl
         raise ValueError(f"{where}: '{answer_column}' must be a finite number, got {answer!r}")
     if isinstance(answer, str) and not answer.strip():
         raise ValueError(f"{where}: '{answer_column}' must be non-empty text, got {answer!r}")
-    return Example(prompt=prompt, answer=str(answer), source=where)
+    teacher = row.get(teacher_column) if teacher_column is not None else None
+    if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        raise ValueError(f"{where}: '{teacher_column}' must name a teacher, got {teacher!r}")
+    return Example(prompt=prompt, answer=str(answer), source=where, teacher=teacher)
 
 
 def file_kind(path: str) -> str | None:
@@ -105,12 +110,15 @@ def _parquet_rows(path: str) -> list:
 
 
 def load_examples(
-    path: str, prompt_column: str = "prompt", answer_column: str = "answer"
+    path: str,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+    teacher_column: str | None = None,
 ) -> list[Example]:
     """Read prompt and answer rows from .jsonl/.json or .parquet, or from the files of a data
     set on the Hub (hf:ORG/NAME[/CONFIG][:SPLIT], through the Hugging Face cache); every error
     names the file and the line (JSONL) or row (Parquet)."""
-    columns = (prompt_column, answer_column)
+    columns = (prompt_column, answer_column, teacher_column)
     if is_dataset_name(path):
         examples = []
         for file in resolve_dataset_files(path):

@@ -151,6 +151,14 @@ class Distributed:
         over every rank's tokens."""
         if not self.active:
             return
+        self.reduce_metrics(metrics)
+        self._sum_tensors(profile.sums)
+        self._sum_tensors(profile.counts)
+
+    def reduce_metrics(self, metrics) -> None:
+        """A StepMetrics (in place) over every rank's tokens."""
+        if not self.active:
+            return
         names = TOKEN_METRIC_NAMES
         counts = [metrics.tokens, metrics.advantage_tokens, metrics.empty_overlap_rows]
         totals = [metrics.totals.get(name, 0.0) for name in names]
@@ -159,8 +167,6 @@ class Distributed:
         metrics.tokens, metrics.advantage_tokens, metrics.empty_overlap_rows = reduced[:3]
         totals, present = reduced[3 : 3 + len(names)], reduced[3 + len(names) :]
         metrics.totals = {n: t for n, t, p in zip(names, totals, present) if p > 0}
-        self._sum_tensors(profile.sums)
-        self._sum_tensors(profile.counts)
 
     def _sum_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         import torch.distributed as dist

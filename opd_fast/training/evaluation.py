@@ -30,8 +30,29 @@ def evaluate(run, step: int, with_teacher: bool = False) -> dict:
     `with_teacher` the teacher's when its model is in this process."""
     record = {"kind": "eval", "step": step}
     record["student_accuracy"] = accuracy(run, run.engine, run.eval_examples)
-    teacher = run.teacher.local_model
-    if with_teacher and teacher is not None:
+    if with_teacher:
+        record.update(teacher_accuracies(run))
+    run.log.write(record)
+    return record
+
+
+def teacher_accuracies(run) -> dict:
+    """teacher_accuracy: the in-process teacher's (with several teachers: each prompt answered
+    by its own, and each teacher's on its prompts, teacher_accuracy/<name>); {} for a teacher
+    that is not in this process."""
+    if run.routes is None:
+        groups = {None: run.eval_examples}
+    else:
+        groups = {name: [] for name in run.routes.names}
+        for example in run.eval_examples:
+            groups[run.routes.name_of(example)].append(example)
+    found, weighted = {}, 0.0
+    for name, examples in groups.items():
+        teacher = run.teacher_of(name).local_model
+        if teacher is None:
+            return {}  # a served teacher cannot be sampled here (nor the mixture)
+        if not examples:
+            continue
         # Sampling the teacher's answers must not move the random stream that the
         # student's rollouts draw from: a run with a remote teacher (which cannot be
         # evaluated here) then sees the same rollouts as one with the teacher in process.
@@ -40,6 +61,12 @@ def evaluate(run, step: int, with_teacher: bool = False) -> dict:
             engine = make_engine(
                 "hf", teacher, run.tokenizer, batch_size=run.config.rollout_batch_size
             )
-            record["teacher_accuracy"] = accuracy(run, engine, run.eval_examples)
-    run.log.write(record)
-    return record
+            value = accuracy(run, engine, examples)
+        weighted += value * len(examples)
+        if name is not None:
+            found[f"teacher_accuracy/{name}"] = value
+    if run.routes is None:
+        found["teacher_accuracy"] = value
+    else:  # every prompt answered by its own teacher
+        found["teacher_accuracy"] = weighted / len(run.eval_examples)
+    return found

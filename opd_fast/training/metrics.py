@@ -204,6 +204,10 @@ def gap_recovery(acc_before: float, acc_after: float, acc_teacher: float) -> flo
     return (acc_after - acc_before) / gap
 
 
+# The dynamics summary.json gives per teacher, when a run has several.
+PER_TEACHER_SUMMARY = ("overlap_ratio", "overlap_token_advantage", "entropy_gap", "response_tokens")
+
+
 def summarise(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """summary.json from the metrics.jsonl records of a run."""
     train = [r for r in records if r.get("kind") == "train"]
@@ -236,6 +240,13 @@ def summarise(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     ):
         summary[f"{name}_first"] = train[0].get(name) if train else None
         summary[f"{name}_last"] = train[-1].get(name) if train else None
+    for key in sorted(train[0] if train else ()):  # several teachers: each one's dynamics
+        if "/" in key and key.split("/", 1)[0] in PER_TEACHER_SUMMARY:
+            summary[f"{key}_first"] = train[0].get(key)
+            summary[f"{key}_last"] = train[-1].get(key)
+    for key in sorted(before or {}):  # and each one's accuracy
+        if key.startswith("teacher_accuracy/"):
+            summary[key] = before[key]
     checks = [r for r in records if r.get("kind") == "health"]
     if checks:  # the live health check's last verdict, and the first step it failed at
         summary["health_verdict"] = checks[-1]["verdict"]

@@ -6,6 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def per_teacher_names(train: list[dict[str, Any]]) -> list[str]:
+    """The teachers a run's train records log metrics for (overlap_ratio/<name>), in order."""
+    names: list[str] = []
+    for key in train[0] if train else ():
+        if key.startswith("overlap_ratio/"):
+            names.append(key.split("/", 1)[1])
+    return names
+
+
 def plot_dynamics(records: list[dict[str, Any]], path: str, title: str = "OPD dynamics") -> None:
     import matplotlib
 
@@ -14,11 +23,16 @@ def plot_dynamics(records: list[dict[str, Any]], path: str, title: str = "OPD dy
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
+    teachers = per_teacher_names(train)  # several teachers: a line each beside the step's
+
+    def each(key: str) -> list[str]:
+        return [key] + [f"{key}/{name}" for name in teachers]
+
     panels = [
         ("student accuracy", evals, ["student_accuracy"]),
-        ("overlap ratio", train, ["overlap_ratio"]),
-        ("overlap-token advantage", train, ["overlap_token_advantage"]),
-        ("entropy gap", train, ["entropy_gap"]),
+        ("overlap ratio", train, each("overlap_ratio")),
+        ("overlap-token advantage", train, each("overlap_token_advantage")),
+        ("entropy gap", train, each("entropy_gap")),
         ("overlap mass", train, ["overlap_mass_student", "overlap_mass_teacher"]),
         ("loss", train, ["loss"]),
     ]

@@ -124,28 +124,46 @@ class Trainer:
 
     def _probe(self) -> None:
         """probe_before_train: the probe's verdict on the student's rollouts of up to 8
-        evaluation prompts, before step 1; the random streams are left as they were."""
+        evaluation prompts (with several teachers: of each one's), before step 1; the random
+        streams are left as they were."""
         from opd_fast.training.step.rollout import sample
         from opd_fast.training.step.score import score_batch
 
         parts = self.parts
+        routes = parts.routes
+        groups = {None: parts.eval_examples[:8]}
+        if routes is not None:
+            groups = {
+                name: [e for e in parts.eval_examples if routes.name_of(e) == name][:8]
+                for name in routes.names
+            }
         devices = [parts.device] if parts.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            batch, _ = sample(parts, parts.engine, parts.eval_examples[:8], 1, 1.0, 1.0)
-            scored = score_batch(
-                parts.student, parts.teacher, batch, parts.loss, loss_path=parts.loss_path
-            )
-        metrics = {name: float(value) for name, value in scored.output.metrics.items()}
-        record = {"kind": "probe", "step": self.step, **metrics}
-        record["verdict"] = health.verdict(metrics["overlap_ratio"])
-        parts.log.write(record)
-        if parts.dist.is_main:
-            print(
-                f"probe before training: overlap ratio {metrics['overlap_ratio']:.3f}, "
-                f"overlap-token advantage {metrics['overlap_token_advantage']:.3f}, entropy gap "
-                f"{metrics['entropy_gap']:.3f}: {record['verdict']}",
-                flush=True,
-            )
+        for name, examples in groups.items():
+            if not examples:
+                continue
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                batch, _ = sample(parts, parts.engine, examples, 1, 1.0, 1.0)
+                scored = score_batch(
+                    parts.student,
+                    parts.teacher_of(name),
+                    batch,
+                    parts.loss,
+                    loss_path=parts.loss_path,
+                )
+            metrics = {key: float(value) for key, value in scored.output.metrics.items()}
+            record = {"kind": "probe", "step": self.step, **metrics}
+            record["verdict"] = health.verdict(metrics["overlap_ratio"])
+            if name is not None:
+                record["teacher"] = name
+            parts.log.write(record)
+            if parts.dist.is_main:
+                print(
+                    f"probe before training{'' if name is None else f' ({name})'}: overlap "
+                    f"ratio {metrics['overlap_ratio']:.3f}, overlap-token advantage "
+                    f"{metrics['overlap_token_advantage']:.3f}, entropy gap "
+                    f"{metrics['entropy_gap']:.3f}: {record['verdict']}",
+                    flush=True,
+                )
 
     # ---- checkpoints ------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def train_step(
     rollout_peak_mib = run.memory.peak_mib()
     run.memory.start()
     with timer.stage("score"):
-        scored = score_and_backward(run, rollouts[0], step)
+        scored = score_and_backward(run, rollouts[0], step, rollouts[1])
     timer.add("teacher", scored.teacher_seconds)
     with timer.stage("update"):
         update = apply_update(run, step)

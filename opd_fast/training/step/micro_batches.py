@@ -9,7 +9,9 @@
   budget (first fit, longest first), each with its own position ids and attending only to
   itself (opd_fast.models.batch.packed_attention): no padding but at the end of the row.
 
-A sequence longer than the budget is a micro-batch of its own. The loss is normalised over
+A sequence longer than the budget is a micro-batch of its own. With several teachers, each
+teacher's sequences are split on their own, one teacher after another, so that every
+micro-batch has one teacher. The loss is normalised over
 the whole step, so the split changes nothing but rounding. On several ranks every rank must
 run as many forwards (FSDP's collectives): ranks with fewer micro-batches add empty ones.
 """
@@ -59,22 +61,57 @@ def plan(
     return batches
 
 
-def micro_batches(batch: RolloutBatch, config, dist) -> Iterator[RolloutBatch]:
-    """The step's micro-batches of `batch` (this rank's rollouts) as the config splits them,
-    as many on every rank."""
-    if not config.micro_batch_tokens:  # the same count everywhere: every rank has as many
-        sequences = batch.input_ids.shape[0]
-        for start in range(0, sequences, config.micro_batch_size):
-            yield batch.select(start, min(start + config.micro_batch_size, sequences))
+def routed_micro_batches(
+    batch: RolloutBatch, config, dist, groups: dict[str, list[int]] | None = None
+) -> Iterator[tuple[str | None, RolloutBatch]]:
+    """(teacher name, micro-batch) pairs: with `groups` (sequence indices by teacher, every
+    teacher named on every rank, in one order), each teacher's sequences split on their own
+    and padded with empty micro-batches to the most any rank has for that teacher (a sharded
+    teacher's forwards are collectives too); without, (None, micro-batch) as micro_batches
+    gives them."""
+    if groups is None:
+        for micro in micro_batches(batch, config, dist):
+            yield None, micro
         return
+    planned = {
+        name: [] if not indices else _plan_rows(batch.take(indices), config)
+        for name, indices in groups.items()
+    }
+    # Counted before any forward: a rank must not reach this collective while another is
+    # inside a forward's (FSDP's all-gathers would meet it).
+    most = dist.max({name: len(parts) for name, parts in planned.items()})
+    for name, parts in planned.items():
+        yield from ((name, part) for part in parts)
+        for _ in range(int(most[name]) - len(parts)):
+            yield name, batch.take([0]).without_responses()
+
+
+def _plan_rows(batch: RolloutBatch, config) -> list[RolloutBatch]:
+    """This rank's micro-batches of `batch`, not padded over ranks."""
+    if not config.micro_batch_tokens:
+        sequences = batch.input_ids.shape[0]
+        return [
+            batch.select(start, min(start + config.micro_batch_size, sequences))
+            for start in range(0, sequences, config.micro_batch_size)
+        ]
     planned = plan(
         batch.lengths, config.micro_batch_size, config.micro_batch_tokens, config.pack_sequences
     )
-    for rows in planned:
-        if config.pack_sequences:
-            yield batch.packed(rows)
-        else:
-            yield batch.take([row[0] for row in rows])
+    if config.pack_sequences:
+        return [batch.packed(rows) for rows in planned]
+    return [batch.take([row[0] for row in rows]) for rows in planned]
+
+
+def micro_batches(batch: RolloutBatch, config, dist) -> Iterator[RolloutBatch]:
+    """The step's micro-batches of `batch` (this rank's rollouts) as the config splits them,
+    as many on every rank."""
+    planned = _plan_rows(batch, config)
+    if not config.micro_batch_tokens:  # the same count everywhere: every rank has as many
+        yield from planned
+        return
+    # Counted before any forward: a rank must not reach this collective while another is
+    # inside a forward's (FSDP's all-gathers would meet it).
     (most,) = dist.max({"micro_batches": len(planned)}).values()
+    yield from planned
     for _ in range(int(most) - len(planned)):
         yield batch.take([0]).without_responses()

@@ -43,6 +43,9 @@ def record_step(
     train = seconds["score"] + seconds["update"] - teacher  # the student's forward/backward
     record = {"kind": "train", "step": step, "loss": loss}
     record.update(scored.metrics.means())
+    for name, metrics in scored.by_teacher.items():  # several teachers: each one's tokens
+        dist.reduce_metrics(metrics)
+        record.update({f"{metric}/{name}": value for metric, value in metrics.means().items()})
     record.update(scored.gap.means())
     record["position_profile"] = scored.profile.means()
     record.update(

@@ -19,7 +19,7 @@ diagnostics without (`score_batch`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ from opd_fast.op.linear import linear_opd_loss, linear_topk_ids
 from opd_fast.op.loss import NonFiniteLogitsError, OPDLossOutput, opd_loss
 from opd_fast.op.reductions import SplitReduction
 from opd_fast.teachers.base import HIDDEN_STATES, LOGITS, ScoreRequest, Teacher
+from opd_fast.training.data import Example
 from opd_fast.training.metrics import PositionProfile, StepMetrics
 from opd_fast.training.off_policy import (
     OffPolicyGap,
@@ -43,7 +44,7 @@ from opd_fast.training.off_policy import (
     truncated_is_weights,
 )
 from opd_fast.training.rollouts.batch import RolloutBatch
-from opd_fast.training.step.micro_batches import micro_batches
+from opd_fast.training.step.micro_batches import routed_micro_batches
 
 FUSED_LINEAR = "fused_linear"
 LOSS_PATHS = (FUSED_LINEAR, LOGITS)
@@ -278,13 +279,17 @@ class ScoredStep:
     gap: OffPolicyGap
     teacher_seconds: float = 0.0
     computed_tokens: int = 0  # token positions the micro-batches' forwards computed
+    by_teacher: dict[str, StepMetrics] = field(default_factory=dict)  # several teachers
 
 
-def score_and_backward(run, batch: RolloutBatch, step: int) -> ScoredStep:
+def score_and_backward(
+    run, batch: RolloutBatch, step: int, examples: list[Example] | None = None
+) -> ScoredStep:
     """Score the step's rollouts a micro-batch at a time and accumulate the gradient of the
     step's loss, normalised over the global batch (every micro-batch of every rank), so
     that all ranks together make the single-process update. `step`: the step being trained
-    (for messages)."""
+    (for messages); examples: each sequence's, which route it to its teacher when the run
+    has several (each micro-batch then holds one teacher's sequences)."""
     config, dist = run.config, run.dist
     run.student.train()
     run.optimizer.zero_grad(set_to_none=True)
@@ -295,12 +300,16 @@ def score_and_backward(run, batch: RolloutBatch, step: int) -> ScoredStep:
         0.0, StepMetrics(), PositionProfile(span=config.max_new_tokens), OffPolicyGap()
     )
     is_cap = config.rollout_is_cap or None
-    for micro in micro_batches(batch, config, dist):
+    groups = None
+    if run.routes is not None:
+        groups = run.routes.groups(examples)
+        scored.by_teacher = {name: StepMetrics() for name in groups}
+    for name, micro in routed_micro_batches(batch, config, dist, groups):
         scored.computed_tokens += micro.computed_tokens
         try:
             part = score_batch(
                 run.student,
-                run.teacher,
+                run.teacher_of(name),
                 micro,
                 run.loss,
                 reduction=split.part_reduction,
@@ -326,6 +335,8 @@ def score_and_backward(run, batch: RolloutBatch, step: int) -> ScoredStep:
         dist.backward(scaled)
         scored.loss += float(scaled.detach())
         scored.metrics.add(part.output.metrics)
+        if name is not None:
+            scored.by_teacher[name].add(part.output.metrics)
         offsets = None if micro.segment_ids is None else micro.response_offsets()
         scored.profile.add(part.output.token_metrics, micro.response_mask[:, 1:], offsets)
     return scored
