@@ -43,6 +43,16 @@ def test_signature_on_typical_dynamics():
     assert health.check(healthy[:5], 5, 10) is None  # not a whole window yet
 
 
+def test_a_converged_wobble_is_not_a_fall_but_a_real_fall_is():
+    """At a high overlap, the working pair's 1-2 point wobble over a window is healthy; a
+    fall of more than OVERLAP_FALL with a flat entropy gap fails."""
+    wobble = _records(_ramp(0.83, 0.814), _ramp(-0.01, -0.01), [0.07] * 10)
+    assert health.check(wobble, 10, 10)["verdict"] == "healthy"
+    fall = _records(_ramp(0.85, 0.81), _ramp(-0.01, -0.01), [0.07] * 10)
+    record = health.check(fall, 10, 10)
+    assert record["verdict"] == "failing" and "falling" in health.warning(record)
+
+
 def test_the_repro_runs():
     """On the toy world's repro curves (3 seeds each): the demo's pair never fails at the
     first third's checks; the mismatched pair fails at the first one."""
