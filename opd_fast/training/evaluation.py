@@ -40,12 +40,9 @@ def teacher_accuracies(run) -> dict:
     """teacher_accuracy: the in-process teacher's (with several teachers: each prompt answered
     by its own, and each teacher's on its prompts, teacher_accuracy/<name>); {} for a teacher
     that is not in this process."""
-    if run.routes is None:
-        groups = {None: run.eval_examples}
-    else:
-        groups = {name: [] for name in run.routes.names}
-        for example in run.eval_examples:
-            groups[run.routes.name_of(example)].append(example)
+    groups = (
+        {None: run.eval_examples} if run.routes is None else run.routes.split(run.eval_examples)
+    )
     found, weighted = {}, 0.0
     for name, examples in groups.items():
         teacher = run.teacher_of(name).local_model

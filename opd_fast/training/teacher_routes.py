@@ -52,3 +52,10 @@ class TeacherRoutes:
         for index, example in enumerate(examples):
             found[self.name_of(example)].append(index)
         return found
+
+    def split(self, examples: list[Example]) -> dict[str, list[Example]]:
+        """The examples by teacher name, in order, every name present (maybe with none)."""
+        return {
+            name: [examples[index] for index in indices]
+            for name, indices in self.groups(examples).items()
+        }

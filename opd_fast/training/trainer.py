@@ -130,19 +130,15 @@ class Trainer:
         from opd_fast.training.step.score import score_batch
 
         parts = self.parts
-        routes = parts.routes
-        groups = {None: parts.eval_examples[:8]}
-        if routes is not None:
-            groups = {
-                name: [e for e in parts.eval_examples if routes.name_of(e) == name][:8]
-                for name in routes.names
-            }
+        groups = {None: parts.eval_examples}
+        if parts.routes is not None:
+            groups = parts.routes.split(parts.eval_examples)
         devices = [parts.device] if parts.device.type == "cuda" else []
         for name, examples in groups.items():
             if not examples:
                 continue
             with torch.random.fork_rng(devices=devices), torch.no_grad():
-                batch, _ = sample(parts, parts.engine, examples, 1, 1.0, 1.0)
+                batch, _ = sample(parts, parts.engine, examples[:8], 1, 1.0, 1.0)
                 scored = score_batch(
                     parts.student,
                     parts.teacher_of(name),
