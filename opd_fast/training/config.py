@@ -24,6 +24,7 @@ from opd_fast.toy import TOY
 from opd_fast.training.data import file_kind
 from opd_fast.training.distributed import env_world_size
 from opd_fast.training.loggers import parse_loggers
+from opd_fast.training.threads import check_threads
 
 # The rollout engines (opd_fast.training.rollouts; named here, imported only when built).
 ENGINE_NAMES = ("hf", "vllm")
@@ -129,6 +130,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16 | float16
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    # CPU threads: auto (the cores this process may use: the same numbers whatever the load),
+    # auto-free (the cores other processes leave free: faster on a busy machine, not
+    # reproducible) or a count; OPD_FAST_THREADS pins it (opd_fast/training/threads.py).
+    threads: int | str = "auto"
 
     # Schedule.
     steps: int = 100
@@ -232,6 +237,7 @@ class TrainConfig:
                 f"config: device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
             )
         check_k(self.k, where="config: ")
+        check_threads(self.threads)
         check_variant_estimator(self.variant, self.estimator, where="config: ")
         if self.teacher_api not in APIS:
             raise ValueError(f"config: teacher_api must be one of {APIS}, got {self.teacher_api!r}")
@@ -294,12 +300,14 @@ def _check_type(name: str, declared: str, value: Any) -> None:
             raise ValueError(f"config: {name} must be a finite number, got {value}")
     elif kind == "dict":
         ok = isinstance(value, dict)
+    elif kind == "int | str":
+        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
     else:
         ok = isinstance(value, str)
     if not ok:
         wanted = {
             "bool": "true or false", "int": "an integer", "float": "a number",
-            "dict": "a mapping",
+            "dict": "a mapping", "int | str": "an integer or a string",
         }  # fmt: skip
         raise ValueError(
             f"config: {name} must be {wanted.get(kind, 'a string')}, "
@@ -489,6 +497,8 @@ def _coerce(name: str, raw: Any) -> Any:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"config: {name} must be true or false, got {raw!r}")
+    if kind == "int | str":  # threads: a count or a policy name
+        return int(raw) if raw.strip().isdigit() else raw
     try:
         if kind == "int":
             return int(raw)

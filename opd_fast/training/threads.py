@@ -1,34 +1,61 @@
-"""How many CPU threads a training run uses: the cores that other processes leave free.
+"""How many CPU threads a training run uses.
 
-torch's default is one thread per core. When other processes keep some of those cores busy,
-every multi-threaded op waits, at each of its barriers, for the thread that shares a core
-with them and runs only part of each time slice: on a 2-core machine with one core busy,
-`opd-fast demo`'s steps took 30x longer instead of 2x. So a CPU run starts with as many
-threads as there are usable cores minus the cores other processes keep busy (measured over a
-quarter of a second from /proc/stat while this process sleeps, so its own work does not count;
-at least one), and gives torch's setting back when it ends. The load average is no measure:
-it counts this process's own earlier work (building the toy world, loading models).
+The count changes the numbers: a different split of a GEMM or a reduction over the threads
+rounds differently, and one changed rounding changes the sampled tokens from there on. So the
+default, `threads: auto`, takes the count from what this process may use, which a machine
+keeps from one run to the next: its CPU affinity, capped by a cgroup CPU quota (and by torch's
+own count). The same config and seed then give the same metrics on the same machine, however
+busy it is.
 
-OPD_FAST_THREADS=<n> sets the count outright; with OMP_NUM_THREADS set, or for a run on a GPU,
-nothing is changed.
+`threads: auto-free` follows the load instead, for speed over reproducibility: it starts with
+the usable cores minus the cores other processes keep busy (measured over a quarter of a second
+from /proc/stat while this process sleeps, so its own work does not count; at least one).
+torch's threads wait for each other at every op's barrier, so on a 2-core machine with one core
+busy, `opd-fast demo`'s steps took 30x longer with 2 threads than with 1.
+
+`threads: <n>` or OPD_FAST_THREADS=<n> (which wins over the config) pins the count; with
+OMP_NUM_THREADS set, `auto` leaves torch's count as the user chose it. A GPU run is untouched.
+torch's setting is given back when the run ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterator
 
 import torch
 
+# The config's `threads` values besides a positive count.
+THREAD_POLICIES = ("auto", "auto-free")
+
+
+def _cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Whole CPUs a cgroup v2 quota allows this process (rounded up), None without a quota."""
+    try:
+        with open(path) as limits:
+            quota, period = limits.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
 
 def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask), at least 1."""
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota; at
+    least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    return max(1, cores if limit is None else min(cores, limit))
 
 
 def busy_cores_of_others(window_s: float = 0.25) -> float:
@@ -62,25 +89,42 @@ def free_cores(busy: float | None = None) -> int:
     return max(1, min(usable_cores(), round(usable_cores() - busy)))
 
 
-def training_threads() -> int | None:
-    """The thread count for a CPU training run, or None to leave torch's as it is."""
+def check_threads(value, where: str = "config: ") -> None:
+    """ValueError unless `value` is auto, auto-free or a positive integer."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    if value in THREAD_POLICIES:
+        return
+    raise ValueError(
+        f"{where}threads must be auto, auto-free or a positive integer, got {value!r}"
+    )
+
+
+def training_threads(policy: int | str = "auto") -> int | None:
+    """The thread count for a CPU training run under `policy` (the config's `threads`), or
+    None to leave torch's as it is."""
+    check_threads(policy)
     explicit = os.environ.get("OPD_FAST_THREADS", "").strip()
     if explicit:
         count = int(explicit) if explicit.isdigit() else 0
         if count < 1:
             raise ValueError(f"OPD_FAST_THREADS must be a positive integer, got {explicit!r}")
         return count
+    if not isinstance(policy, str):
+        return policy
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return None  # the user chose
-    return min(torch.get_num_threads(), free_cores())
+    if policy == "auto-free":
+        return min(torch.get_num_threads(), free_cores())
+    return min(torch.get_num_threads(), usable_cores())
 
 
 @contextlib.contextmanager
-def cpu_threads(device: torch.device) -> Iterator[int]:
-    """Run a CPU training run with training_threads() threads, restoring torch's after.
+def cpu_threads(device: torch.device, policy: int | str = "auto") -> Iterator[int]:
+    """Run a CPU training run with training_threads(policy) threads, restoring torch's after.
     Yields the count in use."""
     before = torch.get_num_threads()
-    count = training_threads() if device.type == "cpu" else None
+    count = training_threads(policy) if device.type == "cpu" else None
     if count is None or count == before:
         yield before
         return

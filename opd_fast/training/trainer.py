@@ -242,9 +242,9 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
-        """Train to config.steps (from the latest checkpoint when resuming), on CPU with the
-        cores other processes leave free (training/threads.py). See _run_steps."""
-        with cpu_threads(self.parts.device):
+        """Train to config.steps (from the latest checkpoint when resuming), on CPU with
+        config.threads threads (training/threads.py). See _run_steps."""
+        with cpu_threads(self.parts.device, self.config.threads):
             return self._run_steps(resume, stop_after)
 
     def _start(self, resume: bool) -> None:
