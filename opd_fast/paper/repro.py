@@ -7,6 +7,10 @@ The grid is fixed here, before any result is seen, and is not tuned afterwards:
       the student's data, larger)
   (c) token sets: student_topk vs overlap_topk vs nonoverlap_topk, with the teacher of (a)
   (d) off-policy cold start (SFT on teacher outputs, then OPD) on the pair of (a) that fails
+  (losses) which loss learns best, with the teacher of (a): Student Top-k with the demo's
+      `exact` estimator (the run "teacher") vs the full-vocabulary reverse KL, the sampled
+      token's KL (`pg`) and Student Top-k with the `tail` estimator, with each one's time and
+      peak memory per step
 Every run uses the toy demo's schedule (opd_fast.training.recipes.TOY_DEMO) and is repeated
 over seeds (the OPD seed: rollouts, data order). A finding "reproduces" when its effect has the
 paper's sign and the difference of the means exceeds the larger of the two standard deviations.
@@ -35,6 +39,7 @@ class RunSpec:
     teacher: str  # a toy-world model name
     variant: str = "student_topk"
     cold_start: bool = False
+    estimator: str | None = None  # None: the demo's (TOY_DEMO["estimator"])
 
 
 RUNS = (
@@ -44,7 +49,12 @@ RUNS = (
     RunSpec("overlap_topk", "teacher", variant="overlap_topk"),
     RunSpec("nonoverlap_topk", "teacher", variant="nonoverlap_topk"),
     RunSpec("other_pattern_cold_start", "teacher_other_pattern", cold_start=True),
+    RunSpec("full_vocab", "teacher", variant="full_vocab"),
+    RunSpec("sampled_token", "teacher", variant="sampled_token", estimator="pg"),
 )
+
+# The losses compared in the table "Losses": the demo's loss first.
+LOSS_RUNS = ("teacher", "full_vocab", "sampled_token")
 
 # (finding, what is compared, run that should win, run that should lose, metric, paper)
 FINDINGS = (
@@ -122,6 +132,7 @@ def _config(assets, spec: RunSpec, seed: int, run_dir: str, quick: bool):
         **TOY_DEMO,
         "teacher": assets.teacher(spec.teacher),
         "variant": spec.variant,
+        "estimator": spec.estimator or TOY_DEMO["estimator"],
         "seed": seed,
         "run_dir": run_dir,
         "progress": False,
@@ -152,9 +163,15 @@ def _run(assets, spec: RunSpec, seed: int, out_dir: str, quick: bool) -> dict:
     start = evals[1] if spec.cold_start and len(evals) > 1 else evals[0]
     summary["accuracy_gain"] = summary["student_acc_after"] - summary["student_acc_before"]
     summary["opd_start_accuracy"] = start["student_accuracy"]
-    summary["overlap_curve"] = [
-        (r["step"], r["overlap_ratio"]) for r in records if r.get("kind") == "train"
-    ]
+    train = [r for r in records if r.get("kind") == "train"]
+    summary["overlap_curve"] = [(r["step"], r["overlap_ratio"]) for r in train]
+    # The loss's cost: the median step and update (student forward, loss, backward) times,
+    # and the largest training-phase peak memory.
+    for key in ("step_seconds", "update_seconds"):
+        values = [r[key] for r in train if r.get(key) is not None]
+        summary[f"{key}_median"] = statistics.median(values) if values else None
+    peaks = [r["train_peak_memory_mib"] for r in train if r.get("train_peak_memory_mib")]
+    summary["train_peak_memory_mib"] = max(peaks) if peaks else None
     return summary
 
 
@@ -183,6 +200,63 @@ def judge(winner: list, loser: list) -> tuple[str, float | None]:
     return "not reproduced (within seed spread)", difference
 
 
+def _estimator(spec: RunSpec) -> str:
+    return spec.estimator or TOY_DEMO["estimator"]
+
+
+def loss_table(results: dict[str, list[dict]]) -> list[str]:
+    """The report's "Losses" section: each loss's learning and cost, and which learns best
+    (the highest mean gap recovery; "within seed spread" when its lead over the next is not
+    larger than either one's spread)."""
+    specs = {spec.name: spec for spec in RUNS}
+    names = [name for name in LOSS_RUNS if results.get(name)]
+    if len(names) < 2:
+        return []
+    lines = [
+        "",
+        "## Losses",
+        "",
+        "| run | variant | estimator | gap recovery | acc after | overlap first -> last | "
+        "step s (median) | update s (median) | train peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        rows, spec = results[name], specs[name]
+
+        def cell(key, digits=3, rows=rows):
+            mean, spread = _stats([r.get(key) for r in rows])
+            return "n/a" if mean is None else f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+        first, last = (
+            _stats([r.get("overlap_ratio_first") for r in rows])[0],
+            _stats([r.get("overlap_ratio_last") for r in rows])[0],
+        )
+        overlap = "n/a" if first is None or last is None else f"{first:.3f} -> {last:.3f}"
+        lines.append(
+            f"| {name} | {spec.variant} | {_estimator(spec)} | {cell('gap_recovery')} | "
+            f"{cell('student_acc_after')} | {overlap} | {cell('step_seconds_median', 2)} | "
+            f"{cell('update_seconds_median', 2)} | {cell('train_peak_memory_mib', 0)} |"
+        )
+    ranked = sorted(
+        (name for name in names if _stats([r.get("gap_recovery") for r in results[name]])[0]
+         is not None),
+        key=lambda name: -_stats([r.get("gap_recovery") for r in results[name]])[0],
+    )  # fmt: skip
+    if len(ranked) >= 2:
+        best, runner_up = ranked[:2]
+        verdict, difference = judge(
+            [r.get("gap_recovery") for r in results[best]],
+            [r.get("gap_recovery") for r in results[runner_up]],
+        )
+        lead = "ahead of" if verdict == "reproduced" else "not clearly ahead of"
+        lines += [
+            "",
+            f"Highest mean gap recovery: {best}, {lead} {runner_up} (difference "
+            f"{difference:+.3f}; {verdict.replace('reproduced', 'beyond the seed spread')}).",
+        ]
+    return lines
+
+
 def _fmt(mean, spread) -> str:
     if mean is None:
         return "n/a"
@@ -202,9 +276,9 @@ def write_report(
         "",
         "## Runs",
         "",
-        "| run | teacher | variant | cold start | acc before | acc at OPD start | "
+        "| run | teacher | variant | estimator | cold start | acc before | acc at OPD start | "
         "acc after | teacher acc | gap recovery | overlap first | overlap last |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in RUNS:
         rows = results.get(spec.name, [])
@@ -223,7 +297,7 @@ def write_report(
             )
         ]
         lines.append(
-            f"| {spec.name} | {spec.teacher} | {spec.variant} | "
+            f"| {spec.name} | {spec.teacher} | {spec.variant} | {_estimator(spec)} | "
             f"{'yes' if spec.cold_start else 'no'} | " + " | ".join(cells) + " |"
         )
     lines += [
@@ -254,6 +328,7 @@ def write_report(
             )
     if seen_instead:
         lines += ["", "## Not reproduced: what we saw instead", "", *seen_instead]
+    lines += loss_table(results)
     lines += [
         "",
         "Notes:",
