@@ -168,7 +168,8 @@ def _diagnose_checkpoint(args) -> dict:
 def _repro(args) -> int:
     from opd_fast.paper.repro import run_repro
 
-    run_repro(out_dir=args.out, quick=args.quick, seeds=args.seeds)
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    run_repro(out_dir=args.out, quick=args.quick, seeds=args.seeds, only=only)
     return 0
 
 
@@ -240,4 +241,9 @@ def add_paper_commands(commands) -> None:
     repro.add_argument("--out", default="runs/repro")
     repro.add_argument("--quick", action="store_true", help="a smaller grid (CI)")
     repro.add_argument("--seeds", type=int, default=None)
+    repro.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated run names (e.g. teacher,full_vocab): run and report these only",
+    )
     repro.set_defaults(handler=_repro)

@@ -373,16 +373,26 @@ def plot_repro(results: dict[str, list[dict]], path: str) -> None:
     plt.close(figure)
 
 
-def run_repro(out_dir: str = "runs/repro", quick: bool = False, seeds: int | None = None) -> dict:
+def run_repro(
+    out_dir: str = "runs/repro",
+    quick: bool = False,
+    seeds: int | None = None,
+    only: list[str] | None = None,
+) -> dict:
     from opd_fast.toy import toy_assets
 
+    names = [spec.name for spec in RUNS]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:  # before the toy world loads
+        raise ValueError(f"repro: unknown run {', '.join(unknown)}; the runs: {', '.join(names)}")
+    specs = [spec for spec in RUNS if only is None or spec.name in only]
     started = time.perf_counter()
     seeds = seeds or (QUICK_SEEDS if quick else SEEDS)
     os.makedirs(out_dir, exist_ok=True)
     assets = toy_assets(progress=True)
     results: dict[str, list[dict]] = {}
-    total = len(RUNS) * seeds
-    for index, (spec, seed) in enumerate((s, seed) for s in RUNS for seed in range(seeds)):
+    total = len(specs) * seeds
+    for index, (spec, seed) in enumerate((s, seed) for s in specs for seed in range(seeds)):
         print(f"[{index + 1}/{total}] {spec.name} seed {seed}", flush=True)
         results.setdefault(spec.name, []).append(_run(assets, spec, seed, out_dir, quick))
     wall = time.perf_counter() - started
