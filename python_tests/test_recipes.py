@@ -188,7 +188,7 @@ def test_repro_loss_table_names_the_best_loss_and_its_cost():
         return [
             {"gap_recovery": g, "student_acc_after": 0.9, "overlap_ratio_first": 0.7,
              "overlap_ratio_last": 0.8, "step_seconds_median": step,
-             "update_seconds_median": step / 2, "train_peak_memory_mib": 900.0}
+             "score_seconds_median": step / 2, "train_peak_memory_mib": 900.0}
             for g in gaps
         ]  # fmt: skip
 

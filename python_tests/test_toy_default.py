@@ -49,7 +49,7 @@ def test_repro_quick_runs_the_whole_grid(toy_cache, tmp_path):
     assert set(results) == {spec.name for spec in RUNS}
     assert "## Losses" in report and "Highest mean gap recovery" in report
     for rows in results.values():  # every run's cost per step
-        assert rows[0]["step_seconds_median"] > 0 and rows[0]["update_seconds_median"] > 0
+        assert rows[0]["step_seconds_median"] > 0 and rows[0]["score_seconds_median"] > 0
     # Structural facts of the world, which OPD does not decide: the other-pattern teacher starts
     # far from the student's top-k sets, and the cold start (SFT on its outputs) moves the
     # student toward them before OPD begins.
