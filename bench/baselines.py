@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from opd_fast.op.names import RENORMALISED_PG_VARIANTS, check_k, check_variant_estimator
+from opd_fast.op.names import (
+    RENORMALISED_PG_VARIANTS,
+    TAIL_COMPLEMENT_LOG_MASS,
+    check_k,
+    check_variant_estimator,
+)
 
 NEG_INF = float("-inf")
 
@@ -90,6 +95,50 @@ def _exact_rows(student_set_logits, teacher_set_logits, in_set):
     return torch.where(active, terms, 0.0).sum(dim=-1)
 
 
+def _log_set_mass(log_values: torch.Tensor, in_set: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the set per row (N,); -inf where it holds no mass (NaN-free gradient)."""
+    masked = log_values.masked_fill(~in_set, NEG_INF)
+    has_mass = (masked > NEG_INF).any(dim=-1)
+    log_mass = torch.logsumexp(torch.where(has_mass.unsqueeze(-1), masked, 0.0), dim=-1)
+    return torch.where(has_mass, log_mass, NEG_INF)
+
+
+def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0: expm1 above -ln 2, log1p below; -inf at x >= 0."""
+    x = x.clamp_max(0)
+    near_one = x > -0.6931471805599453
+    close = torch.log(-torch.expm1(torch.where(near_one, x, -1.0)))
+    away = torch.log1p(-torch.where(near_one, -1.0, x).exp())
+    return torch.where(near_one, close, away)
+
+
+def _tail_rows(log_p, log_q, ids, in_set):
+    """tail per row (docs/math.md, tail): sum_A p (log p - log q) + P (log P - log Q) with the
+    full-vocabulary p, q and P = 1 - sum_A p. 1 - mass loses its digits where A holds most of
+    it (more than 15/16), so those rows (found with one host sync) sum their complement instead."""
+    log_p_set, log_q_set = log_p.gather(-1, ids), log_q.gather(-1, ids)
+    log_set_p, log_set_q = _log_set_mass(log_p_set, in_set), _log_set_mass(log_q_set, in_set)
+    need = (log_set_p.detach() > TAIL_COMPLEMENT_LOG_MASS) | (log_set_q > TAIL_COMPLEMENT_LOG_MASS)
+    log_tail_p = _log1m_exp(torch.where(need, -1.0, log_set_p))
+    log_tail_q = _log1m_exp(torch.where(need, -1.0, log_set_q))
+    rows = need.nonzero().squeeze(-1)
+    if rows.numel():
+        member = torch.zeros(rows.numel(), log_p.shape[-1], dtype=torch.int32, device=ids.device)
+        member = member.scatter_add(-1, ids[rows], in_set[rows].to(torch.int32)) > 0
+        rest_p = torch.logsumexp(log_p[rows].masked_fill(member, NEG_INF), dim=-1)
+        rest_q = torch.logsumexp(log_q[rows].masked_fill(member, NEG_INF), dim=-1)
+        log_tail_p = log_tail_p.index_copy(0, rows, rest_p)
+        log_tail_q = log_tail_q.index_copy(0, rows, rest_q)
+    active = in_set & (log_p_set.detach() > NEG_INF)
+    safe_p = torch.where(active, log_p_set, 0.0)  # finite stand-ins: no inf * 0 in autograd
+    safe_q = torch.where(active, log_q_set, 0.0)
+    in_set_part = torch.where(active, safe_p.exp() * (safe_p - safe_q), 0.0).sum(dim=-1)
+    has_tail = log_tail_p.detach() > NEG_INF
+    safe_tail_p = torch.where(has_tail, log_tail_p, 0.0)
+    safe_tail_q = torch.where(has_tail, log_tail_q, 0.0)
+    return in_set_part + torch.where(has_tail, safe_tail_p.exp() * (safe_tail_p - safe_tail_q), 0.0)
+
+
 def careful_opd_loss_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -112,7 +161,7 @@ def careful_opd_loss_rows(
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     student = student_logits.to(compute) / temperature
     teacher = teacher_logits.detach().to(compute) / temperature
-    if variant == "full_vocab":  # KL(p || q); both estimators have this value and gradient
+    if variant == "full_vocab":  # KL(p || q); every estimator has this value and gradient
         log_p = torch.log_softmax(student, dim=-1)
         log_q = torch.log_softmax(teacher, dim=-1)
         p = log_p.exp()
@@ -124,6 +173,9 @@ def careful_opd_loss_rows(
     ids, in_set = _set_ids(variant, student_ids, teacher_ids, sampled_ids)
     if estimator == "exact":
         return _exact_rows(student.gather(-1, ids), teacher.gather(-1, ids), in_set)
+    if estimator == "tail":
+        log_p, log_q = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
+        return _tail_rows(log_p, log_q, ids, in_set)
     log_p_set = torch.log_softmax(student, dim=-1).gather(-1, ids)
     log_q_set = torch.log_softmax(teacher, dim=-1).gather(-1, ids)
     return _pg_rows(variant, log_p_set, log_q_set, in_set)

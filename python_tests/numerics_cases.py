@@ -10,7 +10,8 @@ test_numerics.py, which holds the CPU kernels to
 
 against the reference in fp64; the device must meet DEVICE_FACTOR times that bound. bf16
 logits (accumulated in fp32 like fp32 ones) get the same bound on the bf16 values, plus one
-bf16 ulp of the largest gradient entry for the rounding of the gradient to bf16.
+bf16 ulp of the largest gradient entry for the rounding of the gradient to bf16 (fp16: one
+fp16 ulp).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from opd_fast.op import reference
-from opd_fast.op.names import VARIANTS
+from opd_fast.op.names import ESTIMATORS, VARIANTS
 
 # The device's bound is this multiple of the CPU's (docs/math.md, Device precision).
 DEVICE_FACTOR = 2.0
@@ -28,13 +29,15 @@ DEVICE_FACTOR = 2.0
 LOSS_FLOOR = 2e-7
 GRAD_FLOOR = 2e-7
 
-PAIRS = [(v, e) for v in VARIANTS for e in ("pg", "exact") if (v, e) != ("sampled_token", "exact")]
+PAIRS = [(v, e) for v in VARIANTS for e in ESTIMATORS if (v, e) != ("sampled_token", "exact")]
 
 
 @dataclass(frozen=True)
 class NumericsCase:
     """One problem of test_numerics.py: `near_identical` (teacher = student + noise, 3 * randn
-    logits) or `large_over_tau` (1 + 1e-3 randn logits at a small temperature)."""
+    logits), `large_over_tau` (1 + 1e-3 randn logits at a small temperature) or `confident`
+    (3 ids per row of each model lifted by 6 to 30 above 2 * randn: top-k sets holding all but
+    ~1e-2 to 1e-12 of the mass, where tail's 1 - mass would lose its digits)."""
 
     name: str
     kind: str
@@ -56,6 +59,12 @@ class NumericsCase:
         if self.kind == "near_identical":
             student = 3 * torch.randn(self.rows, self.vocab, generator=generator)
             teacher = student + self.noise * torch.randn(self.rows, self.vocab, generator=generator)
+        elif self.kind == "confident":
+            student = 2 * torch.randn(self.rows, self.vocab, generator=generator)
+            teacher = student + torch.randn(self.rows, self.vocab, generator=generator)
+            margin = torch.linspace(6, 30, self.rows).unsqueeze(-1)
+            student[:, :3] += margin
+            teacher[:, 1:4] += margin - 1
         else:
             student = 1 + 1e-3 * torch.randn(self.rows, self.vocab, generator=generator)
             teacher = 1 + 1e-3 * torch.randn(self.rows, self.vocab, generator=generator)
@@ -93,6 +102,10 @@ def cases(quick: bool = False) -> list[NumericsCase]:
             out.append(NumericsCase(f"{variant} {estimator} tau=1e-3", "large_over_tau", 16,
                                     1000, 5, variant, estimator, k=8, temperature=1e-3,
                                     sampled=True, loss_floor=1e-5, grad_floor=1e-6))  # fmt: skip
+    if not quick:
+        for variant in VARIANTS:
+            out.append(NumericsCase(f"{variant} tail confident", "confident", 24, 3000, 13,
+                                    variant, "tail", k=4, sampled=True))  # fmt: skip
     return out
 
 
@@ -132,8 +145,8 @@ class Bound:
 
 def cpu_bound(case: NumericsCase, student, teacher, dtype=torch.float32) -> tuple[Bound, tuple]:
     """The bound for `dtype` logits with the values of (student, teacher) rounded to it, and the
-    fp64 evaluation on the CPU (loss64, grad64) it was measured against. bf16: the fp32
-    reference on the bf16 values, plus one bf16 ulp of the largest gradient entry."""
+    fp64 evaluation on the CPU (loss64, grad64) it was measured against. bf16 / fp16: the fp32
+    reference on the rounded values, plus one ulp of `dtype` of the largest gradient entry."""
     student, teacher = student.to(dtype).float(), teacher.to(dtype).float()
     ids = case.sampled_ids()
     loss64, grad64 = per_token(reference.opd_loss, student.double(), teacher.double(), case, ids)
@@ -143,8 +156,8 @@ def cpu_bound(case: NumericsCase, student, teacher, dtype=torch.float32) -> tupl
     grad_bound = None
     if case.grad_floor is not None:
         grad_bound = max(2 * grad_ref, case.grad_floor)
-        if dtype == torch.bfloat16:
-            grad_bound += torch.finfo(torch.bfloat16).eps
+        if dtype in (torch.bfloat16, torch.float16):  # the gradient comes back in `dtype`
+            grad_bound += torch.finfo(dtype).eps
     return Bound(loss_bound, grad_bound), (loss64, grad64)
 
 

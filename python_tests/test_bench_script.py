@@ -81,3 +81,23 @@ def test_interleaved_rows_beside_back_to_back(tmp_path):
     assert targets["eager"]["meets_vs_careful_compile"] is None
     table = bench_opd.markdown_table(document)
     assert "| eager |" in table and "x back to back" in table
+
+
+def test_several_estimators_in_one_run(tmp_path):
+    """--estimators exact tail: each estimator-dependent implementation runs once per
+    estimator, the floor once; tail's opd_fast row gets x_exact and issue 22's verdict."""
+    document = run_bench(tmp_path, "--impls", "opd_fast", "floor", "careful",
+                         "--estimators", "exact", "tail")  # fmt: skip
+    rows = document["rows"]
+    assert [(row["impl"], row["estimator"]) for row in rows] == [
+        ("opd_fast", "exact"), ("opd_fast", "tail"), ("floor", "n/a"), ("careful", "exact"),
+        ("careful", "tail"),
+    ]  # fmt: skip
+    for row in rows:
+        assert row["status"] == "ok"
+        if row["impl"] == "opd_fast":
+            assert row["x_floor"] > 0 and row["loss_diff_vs_careful"] < 1e-5, row
+            assert ("x_exact" in row) == (row["estimator"] == "tail")
+    targets = {t["estimator"]: t for t in document["targets"]}
+    assert targets["tail"]["meets_tail_x_exact"] is not None
+    assert "meets_tail_x_exact" not in targets["exact"]

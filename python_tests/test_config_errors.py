@@ -54,6 +54,7 @@ BAD_YAML_VALUES = [
     ("progress: 3", r"progress must be true or false, got 3 \(int\)"),
     ("steps: true", r"steps must be an integer, got True \(bool\)"),
     ("variant: 7", r"variant must be a string, got 7 \(int\)"),
+    ("estimator: tails", r"unknown estimator 'tails'; expected one of \('pg', 'exact', 'tail'\)"),
     ("student: [a]", r"student must be a string"),
     ("device: tpu9", r"device must be auto, cpu, cuda or cuda:N, got 'tpu9'"),
     ("dtype: fp8", r"dtype must be one of auto, float32"),
@@ -77,6 +78,11 @@ def test_bad_yaml_value_is_named(tmp_path, line, message):
     path.write_text(line + "\n")
     with pytest.raises(ValueError, match="config: " + message):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("variant", ["union_topk", "full_vocab", "sampled_token"])
+def test_tail_estimator_is_accepted_for_every_variant(variant):
+    assert make_config({"estimator": "tail", "variant": variant}).estimator == "tail"
 
 
 def test_integral_float_is_an_integer():

@@ -212,7 +212,7 @@ ARGUMENT_ERRORS = [
         T,
         {"estimator": "reinforce"},
         ValueError,
-        r"unknown estimator 'reinforce'; expected one of \('pg', 'exact'\)",
+        r"unknown estimator 'reinforce'; expected one of \('pg', 'exact', 'tail'\)",
     ),
     (
         "unknown_reduction",
@@ -507,8 +507,8 @@ OP_ERRORS = [
     (
         "unknown_estimator",
         dict(estimator="bogus"),
-        r"unknown estimator 'bogus'; expected pg or "
-        r"exact",
+        r"unknown estimator 'bogus'; expected pg, exact or "
+        r"tail",
     ),
     (
         "exact_sampled_token",

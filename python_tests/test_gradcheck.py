@@ -4,7 +4,7 @@ The loss is piecewise smooth: the top-k sets are constants between set boundarie
 well separated (distinct values 0.5 apart, far more than gradcheck's eps = 1e-6), so finite
 differences never cross a boundary.
 
-- exact estimator (every variant) and full_vocab (both estimators): the gradient is the
+- exact and tail estimators (every variant) and full_vocab (every estimator): the gradient is the
   derivative of the loss value, so gradcheck runs on opd_loss itself (reduction='none', so the
   whole (N, N * V) Jacobian is checked, with per-row upstream gradients).
 - pg estimator: the gradient is that of the surrogate -sum_{v in A} c(v) log p(v) with the
@@ -21,6 +21,7 @@ from conftest import VARIANT_ESTIMATORS
 
 import opd_fast
 from opd_fast.op import reference
+from opd_fast.op.names import VARIANTS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -105,7 +106,7 @@ def test_gradcheck(variant, estimator, temperature):
     sampled_ids = torch.tensor([0, 5, 11, 3])
     kwargs = _kwargs(variant, estimator, temperature, sampled_ids)
     student.requires_grad_(True)
-    if estimator == "exact" or variant == "full_vocab":
+    if estimator in ("exact", "tail") or variant == "full_vocab":
 
         def loss_rows(z):
             return opd_fast.opd_loss(z, teacher, reduction="none", **kwargs).loss
@@ -126,6 +127,20 @@ def test_gradcheck(variant, estimator, temperature):
             return _PgSurrogate.apply(z, teacher, advantages, kwargs)
 
         assert torch.autograd.gradcheck(surrogate_rows, (student,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck_tail_when_the_set_holds_almost_all_mass(variant):
+    """Levels 2.5 apart: the top-4 sets hold all but ~1e-4 .. 1e-5 of the mass, so tail takes
+    its pass over the rest of the row; its gradient is still that of its value."""
+    student, teacher = well_separated_logits(4, 12, seed=5, spacing=2.5)
+    kwargs = _kwargs(variant, "tail", 1.0, torch.tensor([0, 5, 11, 3]))
+    student.requires_grad_(True)
+
+    def loss_rows(z):
+        return opd_fast.opd_loss(z, teacher, reduction="none", **kwargs).loss
+
+    assert torch.autograd.gradcheck(loss_rows, (student,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["student_topk", "union_topk", "full_vocab"])

@@ -609,6 +609,15 @@ def _spec_row(z, u, k, variant, estimator, tau, y):
         loss = sum(pbar[v] * (math.log(pbar[v]) - math.log(qbar[v])) for v in a)
         for j in a:
             grad[j] = pbar[j] * (math.log(pbar[j]) - math.log(qbar[j]) - loss) / tau
+    elif estimator == "tail":  # the |A|+1 categories: each v in A, and the rest of the vocab
+        rest_p = sum(p[v] for v in range(vocab) if v not in a)
+        rest_q = sum(q[v] for v in range(vocab) if v not in a)
+        gap = math.log(rest_p / rest_q) if rest_p > 0 else 0.0
+        loss = sum(p[v] * (log_p[v] - log_q[v]) for v in a) + rest_p * gap
+        # dL/dp_v = a_v - gap for v in A (the rest loses what v gains); dp_v/dz_j through the
+        # softmax Jacobian p_v (delta_vj - p_j) / tau
+        slope = {v: log_p[v] - log_q[v] - gap for v in a}
+        grad = [sum(slope[v] * p[v] * ((v == j) - p[j]) for v in a) / tau for j in range(vocab)]
     else:
         if variant == "sampled_token":
             weight = {y: 1.0}

@@ -8,6 +8,7 @@ import torch
 
 import opd_fast
 from opd_fast.op import kernels, reference
+from opd_fast.op.checks import NonFiniteLogitsError
 from opd_fast.op.payload import TeacherPayload, payload_from_logits
 
 SPARSE_VARIANTS = [v for v in reference.VARIANTS if v != "full_vocab"]
@@ -110,7 +111,7 @@ def test_payload_shape_and_nan_errors():
     poisoned = TeacherPayload(
         **{**payload.__dict__, "topk_log_probs": payload.topk_log_probs * float("nan")}
     )
-    with pytest.raises(opd_fast.NonFiniteLogitsError, match="teacher payload"):
+    with pytest.raises(NonFiniteLogitsError, match="teacher payload"):
         opd_fast.opd_loss(student, poisoned, k=4)
     # ids outside the vocabulary never read out of bounds: NaN, reported
     wild = TeacherPayload(**{**payload.__dict__, "topk_ids": payload.topk_ids + 10_000})
@@ -127,3 +128,23 @@ def test_payload_is_under_one_percent_of_logits():
     )
     # int64 ids here; the wire format (opd_fast.serving) sends int32 ids
     assert payload.nbytes_per_position() <= 0.01 * vocab * 4
+
+
+def test_tail_needs_the_teacher_log_probs_on_its_set():
+    """tail's teacher bucket is 1 - q(A): a payload without q at some id of A (NaN, as an
+    OpenAI-compatible engine sends) is refused by name; a set inside what it has is fine."""
+    student, teacher = _logits(6, 80, torch.float32, seed=4)
+    requested = kernels.row_topk(student, 4).ids
+    payload = payload_from_logits(teacher, requested, 4)
+    in_teacher_topk = (requested.unsqueeze(-1) == payload.topk_ids.unsqueeze(1)).any(-1)
+    assert not bool(in_teacher_topk.all())
+    payload.requested_log_probs = payload.requested_log_probs.masked_fill(~in_teacher_topk, NAN)
+    with pytest.raises(NonFiniteLogitsError, match="payload does not have"):
+        opd_fast.opd_loss(student, payload, k=4, variant="student_topk", estimator="tail")
+    for variant in ("teacher_topk", "overlap_topk"):
+        out = opd_fast.opd_loss(student, payload, k=4, variant=variant, estimator="tail")
+        dense = opd_fast.opd_loss(student, teacher, k=4, variant=variant, estimator="tail")
+        torch.testing.assert_close(out.loss, dense.loss, atol=1e-6, rtol=1e-5)
+
+
+NAN = float("nan")

@@ -21,8 +21,8 @@ constexpr const char* kVariantNames[] = {"student_topk",    "teacher_topk", "ove
                                          "nonoverlap_topk", "union_topk",   "full_vocab",
                                          "sampled_token"};
 
-enum class Estimator : int { kPg, kExact, kNumEstimators };
-constexpr const char* kEstimatorNames[] = {"pg", "exact"};
+enum class Estimator : int { kPg, kExact, kTail, kNumEstimators };
+constexpr const char* kEstimatorNames[] = {"pg", "exact", "tail"};
 
 // Per-token metrics: the columns of the forward's metrics output.
 enum Metric : int {

@@ -67,6 +67,12 @@ struct RowStats {
   acc_t sampled_log_p;    // log p(y_t)
   acc_t sampled_log_q;    // log q(y_t)
   int64_t sampled_id;     // y_t
+  // tail only: log of each model's mass outside the loss set, summed over the complement by a
+  // second pass (has_*_tail); without it row_loss takes log(1 - mass of the set) (log1m_exp).
+  bool has_student_tail;
+  bool has_teacher_tail;
+  acc_t student_tail_log_mass;
+  acc_t teacher_tail_log_mass;
 };
 
 // Records the sampled token y_t of a row of `vocab` ids. An id out of range becomes -1 with NaN
@@ -200,6 +206,116 @@ OPD_HOST_DEVICE acc_t log_set_mass(Variant set, const Candidates<acc_t>& cand,
   return max_value + log(sum);
 }
 
+// log(1 - exp(x)) for a log-mass x <= 0 (Maechler's log1mexp: expm1 above -ln 2, log1p below).
+// A mass that rounded to >= 1 leaves nothing (-inf); NaN stays NaN.
+template <typename acc_t>
+OPD_HOST_DEVICE acc_t log1m_exp(acc_t x) {
+  if (x != x) return x;
+  if (x >= acc_t(0)) return acc_t(-INFINITY);
+  return x > acc_t(-0.693147180559945309) ? log(-expm1(x)) : log1p(-exp(x));
+}
+
+// The tail estimator's set A as candidates: the variant's loss set, or for sampled_token the
+// one token y_t (`one` holds it).
+template <typename acc_t>
+struct TailSet {
+  Variant filter;
+  Candidates<acc_t> cand;
+};
+
+template <typename acc_t>
+struct OneCandidate {
+  int64_t id;
+  acc_t log_p, log_q;
+  bool member;
+};
+
+template <typename acc_t>
+OPD_HOST_DEVICE TailSet<acc_t> tail_set(Variant variant, const RowStats<acc_t>& stats,
+                                        const Candidates<acc_t>& cand, OneCandidate<acc_t>& one) {
+  if (variant != Variant::kSampledToken) return {variant, cand};
+  one = {stats.sampled_id, stats.sampled_log_p, stats.sampled_log_q, true};
+  return {Variant::kUnionTopk, {1, &one.id, &one.log_p, &one.log_q, &one.member, &one.member}};
+}
+
+// log(15/16): above this log-mass of A, 1 - mass keeps fewer than all but 4 bits of the rest's
+// digits, and tail sums the rest of the row instead. Below it, 1 - mass is the better choice:
+// it is made of the same rounded log-probs as the terms of A, so their rounding cancels to
+// first order in the loss (a rest summed on its own would not cancel it).
+constexpr double kTailComplementLogMass = -0.0645385211375711716;
+
+// Whether 1 - (mass of A) loses digits for either model (A holds more than 15/16 of it), so
+// that a caller with the logits should sum the complement itself (complement_ids, has_*_tail).
+template <typename acc_t>
+OPD_HOST_DEVICE bool tail_wants_complement(Variant variant, const RowStats<acc_t>& stats,
+                                           const Candidates<acc_t>& cand) {
+  if (variant == Variant::kFullVocab) return false;
+  OneCandidate<acc_t> one;
+  const TailSet<acc_t> set = tail_set(variant, stats, cand, one);
+  const acc_t threshold = acc_t(kTailComplementLogMass);
+  return log_set_mass(set.filter, set.cand, set.cand.log_p) > threshold ||
+         log_set_mass(set.filter, set.cand, set.cand.log_q) > threshold;
+}
+
+// The ids of A ascending (room for kMaxCandidates), for a pass over the complement; returns the
+// count. Ids out of [0, V) (a payload's, or y_t = -1) are harmless: the pass skips ids it meets.
+template <typename acc_t>
+OPD_HOST_DEVICE int complement_ids(Variant variant, const RowStats<acc_t>& stats,
+                                   const Candidates<acc_t>& cand, int64_t* ids) {
+  OneCandidate<acc_t> one;
+  const TailSet<acc_t> set = tail_set(variant, stats, cand, one);
+  int count = 0;
+  for (int i = 0; i < set.cand.count; ++i) {
+    if (!in_loss_set(set.filter, set.cand.in_student[i], set.cand.in_teacher[i])) continue;
+    const int64_t id = set.cand.id[i];
+    int at = count++;
+    for (; at > 0 && ids[at - 1] > id; --at) ids[at] = ids[at - 1];
+    ids[at] = id;
+  }
+  return count;
+}
+
+// tail (docs/math.md, Estimators: tail): the reverse KL of the |A|+1 categories "each v in A"
+// and "the rest", with the full-vocabulary p and q (not renormalised):
+//     L = sum_A p_v (log p_v - log q_v) + P (log P - log Q),  P = 1 - sum_A p, Q = 1 - sum_A q,
+//     dL/dz_j = (1/tau) p_j (a_j - L) for j in A, (1/tau) p_j (a - L) elsewhere,
+// with a_j = log p_j - log q_j and a = log P - log Q (0 where P = 0: no mass to move), i.e.
+// C = a - L and coef(j) = p_j (a - a_j).
+template <typename acc_t>
+OPD_HOST_DEVICE RowResult<acc_t> tail_row_loss(Variant variant, const RowStats<acc_t>& stats,
+                                               const Candidates<acc_t>& all, int64_t* sparse_id,
+                                               acc_t* sparse_coef) {
+  if (variant == Variant::kSampledToken && stats.sampled_id < 0) {
+    return {acc_t(NAN), acc_t(NAN), 0};  // y_t out of range: NaN like pg, no gradient list
+  }
+  OneCandidate<acc_t> one;
+  const TailSet<acc_t> set = tail_set(variant, stats, all, one);
+  const Candidates<acc_t>& cand = set.cand;
+  const acc_t log_tail_p = stats.has_student_tail
+                               ? stats.student_tail_log_mass
+                               : log1m_exp(log_set_mass(set.filter, cand, cand.log_p));
+  const acc_t log_tail_q = stats.has_teacher_tail
+                               ? stats.teacher_tail_log_mass
+                               : log1m_exp(log_set_mass(set.filter, cand, cand.log_q));
+  const acc_t tail_p = safe_exp(log_tail_p);
+  const acc_t tail_gap = tail_p > acc_t(0) ? log_tail_p - log_tail_q : acc_t(0);
+  acc_t loss = tail_p > acc_t(0) ? tail_p * tail_gap : acc_t(0);
+  for (int i = 0; i < cand.count; ++i) {
+    if (!in_loss_set(set.filter, cand.in_student[i], cand.in_teacher[i])) continue;
+    loss += weighted_log_ratio(safe_exp(cand.log_p[i]), cand.log_p[i], cand.log_q[i]);
+  }
+  RowResult<acc_t> result{loss, tail_gap - loss, 0};
+  for (int i = 0; i < cand.count; ++i) {
+    if (!in_loss_set(set.filter, cand.in_student[i], cand.in_teacher[i])) continue;
+    const acc_t p = safe_exp(cand.log_p[i]);
+    if (!(p > acc_t(0))) continue;
+    sparse_id[result.sparse_count] = cand.id[i];
+    sparse_coef[result.sparse_count] = p * (tail_gap - (cand.log_p[i] - cand.log_q[i]));
+    ++result.sparse_count;
+  }
+  return result;
+}
+
 // Fills metrics[kNumMetrics] for one row (docs/math.md, Metrics).
 template <typename acc_t>
 OPD_HOST_DEVICE void row_metrics(const RowStats<acc_t>& stats, const Candidates<acc_t>& cand,
@@ -253,11 +369,14 @@ OPD_HOST_DEVICE RowResult<acc_t> row_loss(Variant variant, Estimator estimator,
                                           acc_t* sparse_coef) {
   RowResult<acc_t> result{acc_t(0), acc_t(0), 0};
   if (variant == Variant::kFullVocab) {
-    // Both estimators are the true reverse KL: grad = p_j (log p_j - log q_j - KL) / tau
+    // Every estimator is the true reverse KL (tail: A = V leaves an empty rest): grad = p_j (log p_j - log q_j - KL) / tau
     // = p_j (z_j - u_j - E_p[z - u]) / tau^2: C = -E_p[z - u] needs no log-partition at all.
     result.loss = stats.full_kl;
     result.grad_scale = -stats.full_mean_gap;
     return result;
+  }
+  if (estimator == Estimator::kTail) {
+    return tail_row_loss(variant, stats, cand, sparse_id, sparse_coef);
   }
   if (variant == Variant::kSampledToken) {
     const acc_t advantage = stats.sampled_log_q - stats.sampled_log_p;

@@ -87,7 +87,7 @@ def opd_loss(
     sampled_ids: int tensor shaped like the leading dims (the realised tokens y_t); needed
       for variant='sampled_token', and adds the sampled_token_kl metric.
     variant: student_topk | teacher_topk | overlap_topk | nonoverlap_topk | union_topk |
-      full_vocab | sampled_token.  estimator: pg | exact.
+      full_vocab | sampled_token.  estimator: pg | exact | tail.
     reduction: token_mean | seq_mean_token_sum (needs (B, T, V)) | sum | none.
     token_weights: float tensor shaped like the leading dims, multiplying each token's loss
       before the reduction (e.g. truncated importance-sampling weights); no gradient flows into

@@ -20,7 +20,7 @@ VARIANTS = (
     "sampled_token",
 )
 # The order is the kernels' Estimator enum.
-ESTIMATORS = ("pg", "exact")
+ESTIMATORS = ("pg", "exact", "tail")
 
 # Per-token metrics, in the order the kernels write them (the kernels' Metric enum).
 TOKEN_METRIC_NAMES = (
@@ -41,6 +41,11 @@ RENORMALISED_PG_VARIANTS = ("student_topk", "teacher_topk", "overlap_topk", "uni
 
 # A teacher payload (top-k ids and log-probs instead of logits) serves every variant but this.
 NEEDS_TEACHER_LOGITS = ("full_vocab",)
+
+# tail sums the rest of a row itself where its set holds more than 15/16 of a model's mass
+# (log-mass above this; kTailComplementLogMass in csrc/kernels/row_loss.h), else takes
+# log(1 - mass of the set).
+TAIL_COMPLEMENT_LOG_MASS = -0.0645385211375711716  # log(15 / 16)
 
 REDUCTIONS = ("token_mean", "seq_mean_token_sum", "sum", "none")
 

@@ -15,6 +15,7 @@ import torch
 from opd_fast.op.names import (
     ESTIMATORS,
     RENORMALISED_PG_VARIANTS,
+    TAIL_COMPLEMENT_LOG_MASS,
     TOKEN_METRIC_NAMES,
     VARIANTS,
 )
@@ -120,6 +121,46 @@ def _exact_loss_rows(in_set, log_p, log_q):
     return (p_bar * (safe_log_p_bar - safe_log_q_bar)).sum(dim=-1)
 
 
+def _log1m_exp(log_mass: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for log-masses x <= 0 (expm1 above -ln 2, log1p below); -inf where the
+    mass rounded to >= 1."""
+    x = log_mass.clamp_max(0)
+    near_one = x > -0.6931471805599453
+    away = torch.log1p(-torch.where(near_one, torch.full_like(x, -1.0), x).exp())
+    close = torch.log(-torch.expm1(torch.where(near_one, x, torch.full_like(x, -1.0))))
+    return torch.where(near_one, close, away)
+
+
+def _tail_log_mass(log_values: torch.Tensor, in_set: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_A exp(log_values)) per row: log1p(-mass) while A holds at most 15/16 of the
+    mass (its rounding then cancels against that of the terms of A), else a log-sum-exp over
+    the complement (where 1 - mass would lose its digits)."""
+    log_set = _masked_log_sum(log_values, in_set)
+    use_rest = log_set.detach() > TAIL_COMPLEMENT_LOG_MASS
+    # The branch not taken gets a harmless input: torch.where passes 0 * its gradient back.
+    from_set = _log1m_exp(torch.where(use_rest, torch.full_like(log_set, -1.0), log_set))
+    from_rest = _masked_log_sum(log_values, ~in_set)
+    return torch.where(use_rest, from_rest, from_set)
+
+
+def _tail_loss_rows(in_set, log_p, log_q):
+    """Reverse KL of the |A|+1 categories "v in A" and "the rest" (docs/math.md, Estimators:
+    tail): sum_A p (log p - log q) + P (log P - log Q), P = 1 - sum_A p, Q = 1 - sum_A q, with
+    the full-vocabulary p and q. Autograd gives the gradient through every logit."""
+    active = in_set & (log_p.detach() > float("-inf"))
+    safe_log_p = torch.where(active, log_p, torch.zeros_like(log_p))
+    safe_log_q = torch.where(active, log_q, torch.zeros_like(log_q))
+    p = torch.where(active, safe_log_p.exp(), torch.zeros_like(log_p))
+    in_set_part = (p * (safe_log_p - safe_log_q)).sum(dim=-1)
+    log_tail_p = _tail_log_mass(log_p, in_set)
+    log_tail_q = _tail_log_mass(log_q, in_set)
+    has_tail = log_tail_p.detach() > float("-inf")
+    safe_tail_p = torch.where(has_tail, log_tail_p, torch.zeros_like(log_tail_p))
+    safe_tail_q = torch.where(has_tail, log_tail_q, torch.zeros_like(log_tail_q))
+    tail_part = torch.where(has_tail, safe_tail_p.exp() * (safe_tail_p - safe_tail_q), 0.0)
+    return in_set_part + tail_part
+
+
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
     probs = log_probs.exp()
     return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
@@ -187,6 +228,8 @@ def opd_loss_rows(
         if variant == "sampled_token":
             raise ValueError("estimator='exact' has no form for variant='sampled_token'")
         loss_rows = _exact_loss_rows(in_set, log_p, log_q)
+    elif estimator == "tail":
+        loss_rows = _tail_loss_rows(in_set, log_p, log_q)
     else:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
     metrics = token_metrics(student_set, teacher_set, log_p, log_q, k, sampled_ids)

@@ -155,7 +155,7 @@ class TrainConfig:
     # Loss (the fused op).
     k: int = 16
     variant: str = "student_topk"
-    estimator: str = "pg"
+    estimator: str = "pg"  # pg | exact | tail (docs/math.md, Estimators)
     loss_temperature: float = 1.0
     reduction: str = "token_mean"
     # fused_linear: the loss from hidden states in token chunks (no (B, T, V) logits, for the

@@ -153,7 +153,7 @@ def case_header(student, k, variant, estimator, sampled, valid) -> list:
     """The header words both harnesses start with (harness_main.h)."""
     rows, vocab = student.shape
     header = [DTYPE_CODES[student.dtype], rows, vocab, k, VARIANTS.index(variant)]
-    return header + [int(estimator == "exact"), int(sampled is not None), int(valid is not None)]
+    return header + [ESTIMATORS.index(estimator), int(sampled is not None), int(valid is not None)]
 
 
 def row_bytes(tensor, rows, dtype) -> bytes:
@@ -273,6 +273,20 @@ def case(name, student, teacher, k, variant, estimator, temperature=1.0, **extra
                 estimator=estimator, temperature=temperature, **extra)  # fmt: skip
 
 
+def confident_rows(dtype, teacher_too=True):
+    """(student, teacher) rows whose top few ids hold all but ~1e-3 .. 1e-9 of the mass (and
+    one row masked past id 5): the tail estimator's pass over the rest of the row. A payload's
+    teacher rest is 1 - its shipped mass, which such a teacher leaves as rounding noise (one
+    the CPU and the device round differently): `teacher_too=False` keeps the teacher spread."""
+    s, t = torch.randn(4, 700), torch.randn(4, 700)
+    for row, margin in enumerate((8.0, 14.0, 22.0, 30.0)):
+        s[row, [0, 3, 5]] += margin
+        if teacher_too:
+            t[row, [0, 1, 3]] += margin - 1
+    s[3, 6:] = -INF
+    return s.to(dtype), t.to(dtype)
+
+
 def forward_cases(quick: bool):
     """Forward/backward cases: every dtype x variant x estimator, k across the kernel's slot
     sizes, ties, signed zeros, -inf masks, NaN rows, sampled ids out of range, alignment, long
@@ -314,7 +328,7 @@ def forward_cases(quick: bool):
                 name = f"{dtype} -inf {variant} {estimator}"
                 yield case(name, s, t, 16, variant, estimator, valid=valid)
     nan_variants = [("union_topk", "pg"), ("student_topk", "exact"), ("full_vocab", "pg"),
-                    ("overlap_topk", "exact")]  # fmt: skip
+                    ("overlap_topk", "exact"), ("union_topk", "tail")]  # fmt: skip
     for dtype in dtypes:
         s, t = torch.randn(4, 50).to(dtype), torch.randn(4, 50).to(dtype)
         s[0, 5:] = NAN  # fewer orderable entries than k
@@ -328,8 +342,14 @@ def forward_cases(quick: bool):
         yield case(f"{dtype} all rows invalid", s, t, 16, "union_topk", "pg", valid=invalid)
     for dtype in (torch.float32, torch.float16):
         s, t = torch.randn(4, 120).to(dtype), torch.randn(4, 120).to(dtype)
-        yield case(f"{dtype} sampled ids out of range", s, t, 16, "sampled_token", "pg", 1.3,
-                   sampled=torch.tensor([0, 119, -1, 120]))  # fmt: skip
+        for estimator in ("pg", "tail"):
+            yield case(f"{dtype} sampled ids out of range {estimator}", s, t, 16,
+                       "sampled_token", estimator, 1.3, sampled=torch.tensor([0, 119, -1, 120]))
+    for dtype in dtypes:  # tail: sets holding almost all mass (the pass over the rest)
+        s, t = confident_rows(dtype)
+        for variant in VARIANTS:
+            yield case(f"{dtype} confident tail {variant}", s, t, 4, variant, "tail",
+                       sampled=torch.tensor([0, 3, 1, 5]), layout=(1, 0, 1, 0, 1))  # fmt: skip
     layouts = [(0, 0, 0, 0, 0), (3, 0, 3, 0, 3), (1, 0, 0, 0, 0), (0, 5, 0, 7, 1)]
     for dtype in dtypes:
         s, t = (torch.randn(3, 1001) * 2).to(dtype), (torch.randn(3, 1001) * 2).to(dtype)
@@ -372,6 +392,11 @@ def sparse_cases(quick: bool):
                        sampled=sampled, valid=valid)  # fmt: skip
         yield case(f"{dtype} out-of-range teacher ids", s, t, 16, "overlap_topk", "exact",
                    corrupt=True)  # fmt: skip
+    for dtype in dtypes:  # tail: the student's set holds almost all of its mass
+        s, t = confident_rows(dtype, teacher_too=False)
+        for variant in variants + ["sampled_token"]:
+            yield case(f"{dtype} confident tail {variant}", s, t, 4, variant, "tail",
+                       sampled=torch.tensor([0, 3, 1, 5]))  # fmt: skip
     s, t = torch.randint(-3, 3, (4, 400)).float(), torch.randint(-2, 2, (4, 400)).float()
     yield case("ties", s, t, 16, "union_topk", "pg")
 

@@ -28,6 +28,8 @@
 //      shared memory and bitonic-sorted: the first k of each are the row's S_p and S_q.
 //   3. 2k threads build the candidate union (gathering the other model's logit at each id)
 //      and thread 0 compacts it, then calls row_metrics / row_loss and writes the row.
+//      tail, where the set holds more than 15/16 of a model's mass: first the whole block
+//      sums both models over the rest of the row (ids not in the set, binary search).
 //      A row whose NaNs left fewer than k orderable entries gets the CPU's filler ids.
 // Invalid rows (row_valid false) write zeros and sparse_id = -1. A NaN logit makes the lse
 // and the entropy NaN (through the sum); an all -inf row has lse = -inf and entropy 0.
@@ -321,6 +323,78 @@ __device__ __forceinline__ void consume_vector_range(StreamState<acc_t, kSlots>&
 }
 
 // ---------------------------------------------------------------------------------------
+// The tail estimator's pass over the complement of its set (row_loss.h, tail_wants_complement)
+// ---------------------------------------------------------------------------------------
+
+// Block-wide reduction of per-thread softmax states, valid in thread 0 only; `scratch` holds
+// kForwardWarps states. All threads must call it.
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxState<acc_t> softmax_reduce_to_first(SoftmaxState<acc_t> state,
+                                                                       SoftmaxState<acc_t>* scratch,
+                                                                       acc_t inv_tau, int warp,
+                                                                       int lane) {
+  state = softmax_warp_reduce(state, inv_tau);
+  __syncthreads();  // scratch may still be read by an earlier reduction
+  if (lane == 0) scratch[warp] = state;
+  __syncthreads();
+  SoftmaxState<acc_t> s = softmax_empty<acc_t>();
+  if (warp == 0) {
+    s = lane < kForwardWarps ? scratch[lane] : softmax_empty<acc_t>();
+    s = softmax_warp_reduce(s, inv_tau);
+  }
+  return s;
+}
+
+// Whether `id` is among the ascending ids[0, count) (binary search).
+__device__ __forceinline__ bool among(const int64_t* ids, int count, int64_t id) {
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (ids[mid] < id) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < count && ids[lo] == id;
+}
+
+// log of a reduced complement state's mass in a row with raw max `max` and log_norm: -inf for
+// an empty complement, NaN for a NaN logit (kept in the sum).
+template <typename acc_t>
+__device__ __forceinline__ acc_t rest_log_mass(const SoftmaxState<acc_t>& rest, acc_t max,
+                                               acc_t inv_tau, acc_t log_norm) {
+  if (rest.sum != rest.sum) return rest.sum;
+  if (rest.max == -INFINITY) return acc_t(-INFINITY);
+  return (rest.max - max) * inv_tau + log(rest.sum) - log_norm;
+}
+
+// Both models' (student and, if `teacher` is not null, teacher) online softmax states over the
+// row's ids not among skip[0, count), reduced to thread 0. All threads must call it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void complement_states(const scalar_t* __restrict__ student,
+                                                  const scalar_t* __restrict__ teacher,
+                                                  int64_t vocab, const int64_t* skip, int count,
+                                                  acc_t inv_tau, SoftmaxState<acc_t>* scratch,
+                                                  int tid, int warp, int lane,
+                                                  SoftmaxState<acc_t>& student_rest,
+                                                  SoftmaxState<acc_t>& teacher_rest) {
+  using E = Element<scalar_t>;
+  SoftmaxState<acc_t> s = softmax_empty<acc_t>(), t = softmax_empty<acc_t>();
+  for (int64_t j = tid; j < vocab; j += kForwardThreads) {
+    if (among(skip, count, j)) continue;
+    const acc_t z[1] = {E::to_acc(student[j])};
+    softmax_add<false>(s, z, z, inv_tau);
+    if (teacher != nullptr) {
+      const acc_t u[1] = {E::to_acc(teacher[j])};
+      softmax_add<false>(t, u, u, inv_tau);
+    }
+  }
+  student_rest = softmax_reduce_to_first(s, scratch, inv_tau, warp, lane);
+  teacher_rest = softmax_reduce_to_first(t, scratch, inv_tau, warp, lane);
+}
+
+// ---------------------------------------------------------------------------------------
 // First and last steps of every forward kernel (ForwardParams or SparseForwardParams)
 // ---------------------------------------------------------------------------------------
 
@@ -489,23 +563,45 @@ __global__ void __launch_bounds__(kForwardThreads)
     if (!from_student) teacher_duplicate[i - k] = in_other;
   }
   __syncthreads();
-  if (tid != 0) return;
 
   // Thread 0: drop the teacher entries already listed by the student (in place, in order).
+  __shared__ int complement_count;  // tail: the set's ids for a pass over the rest, else -1
+  int64_t* complement = dynamic_smem<int64_t>();  // the keys are decoded: room for 2k ids
   int count = k;
-  for (int j = 0; j < k; ++j) {
-    if (teacher_duplicate[j]) continue;
-    cand.id[count] = cand.id[k + j];
-    cand.log_p[count] = cand.log_p[k + j];
-    cand.log_q[count] = cand.log_q[k + j];
-    cand.in_student[count] = false;
-    cand.in_teacher[count] = true;
-    ++count;
+  if (tid == 0) {
+    for (int j = 0; j < k; ++j) {
+      if (teacher_duplicate[j]) continue;
+      cand.id[count] = cand.id[k + j];
+      cand.log_p[count] = cand.log_p[k + j];
+      cand.log_q[count] = cand.log_q[k + j];
+      cand.in_student[count] = false;
+      cand.in_teacher[count] = true;
+      ++count;
+    }
+    if (p.sampled_ids != nullptr && set_sampled_token(stats, p.sampled_ids[row], vocab)) {
+      stats.sampled_log_p = log_p(E::to_acc(student[stats.sampled_id]));
+      stats.sampled_log_q = log_q(E::to_acc(teacher[stats.sampled_id]));
+    }
+    complement_count = -1;
+    if (p.estimator == Estimator::kTail &&
+        tail_wants_complement(p.variant, stats, cand.first(count))) {
+      complement_count = complement_ids(p.variant, stats, cand.first(count), complement);
+    }
   }
-  if (p.sampled_ids != nullptr && set_sampled_token(stats, p.sampled_ids[row], vocab)) {
-    stats.sampled_log_p = log_p(E::to_acc(student[stats.sampled_id]));
-    stats.sampled_log_q = log_q(E::to_acc(teacher[stats.sampled_id]));
+  __syncthreads();
+  if (complement_count >= 0) {  // block-uniform
+    SoftmaxState<acc_t> student_rest, teacher_rest;
+    complement_states(student, teacher, vocab, complement, complement_count, inv_tau,
+                      warp_softmax[0], tid, warp, lane, student_rest, teacher_rest);
+    if (tid == 0) {
+      stats.has_student_tail = stats.has_teacher_tail = true;
+      stats.student_tail_log_mass =
+          rest_log_mass(student_rest, row_shift[0][0], inv_tau, row_shift[0][1]);
+      stats.teacher_tail_log_mass =
+          rest_log_mass(teacher_rest, row_shift[1][0], inv_tau, row_shift[1][1]);
+    }
   }
+  if (tid != 0) return;
   finish_forward_row(p, row, stats, cand.first(count));
 }
 

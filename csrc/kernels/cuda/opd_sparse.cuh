@@ -219,24 +219,45 @@ __global__ void __launch_bounds__(kForwardThreads)
         id >= 0 && id < vocab ? log_p(E::to_acc(student[id])) : acc_t(NAN);
   }
   __syncthreads();
-  if (tid != 0) return;
 
-  RowStats<acc_t> stats{};
-  stats.student_lse = softmax_lse(s, inv_tau);
-  stats.student_max = s.max;
-  stats.student_log_norm = log_norm;
-  stats.student_entropy = softmax_entropy(s);
-  stats.teacher_lse = 0;  // unknown to the student side; not needed without full_vocab
-  stats.teacher_entropy = p.teacher_entropy[row];
-  if (p.sampled_ids != nullptr) {
-    if (set_sampled_token(stats, p.sampled_ids[row], vocab)) {
-      stats.sampled_log_p = log_p(E::to_acc(student[stats.sampled_id]));
+  __shared__ int complement_count;  // tail: the set's ids for a pass over the rest, else -1
+  __shared__ int64_t complement[kMaxCandidates];
+  RowStats<acc_t> stats{};  // meaningful in thread 0 only
+  Candidates<acc_t> candidates{};
+  if (tid == 0) {
+    stats.student_lse = softmax_lse(s, inv_tau);
+    stats.student_max = s.max;
+    stats.student_log_norm = log_norm;
+    stats.student_entropy = softmax_entropy(s);
+    stats.teacher_lse = 0;  // unknown to the student side; not needed without full_vocab
+    stats.teacher_entropy = p.teacher_entropy[row];
+    if (p.sampled_ids != nullptr) {
+      if (set_sampled_token(stats, p.sampled_ids[row], vocab)) {
+        stats.sampled_log_p = log_p(E::to_acc(student[stats.sampled_id]));
+      }
+      stats.sampled_log_q = p.teacher_sampled_log_probs[row];
     }
-    stats.sampled_log_q = p.teacher_sampled_log_probs[row];
+    candidates =
+        union_candidates(k, student_ids, gathered_log_p, p.teacher_log_probs_at_student + row * k,
+                         teacher_ids, gathered_log_p + k, p.teacher_topk_log_probs + row * k, cand);
+    complement_count = -1;
+    if (p.estimator == Estimator::kTail && tail_wants_complement(p.variant, stats, candidates)) {
+      complement_count = complement_ids(p.variant, stats, candidates, complement);
+    }
   }
-  const Candidates<acc_t> candidates =
-      union_candidates(k, student_ids, gathered_log_p, p.teacher_log_probs_at_student + row * k,
-                       teacher_ids, gathered_log_p + k, p.teacher_topk_log_probs + row * k, cand);
+  __syncthreads();
+  // tail: the student's rest is summed over its logits; the teacher's is 1 - its set mass.
+  if (complement_count >= 0) {  // block-uniform
+    SoftmaxState<acc_t> student_rest, unused;
+    complement_states<scalar_t, acc_t>(student, nullptr, vocab, complement, complement_count,
+                                       inv_tau, sparse_warp_softmax, tid, warp, lane,
+                                       student_rest, unused);
+    if (tid == 0) {
+      stats.has_student_tail = true;
+      stats.student_tail_log_mass = rest_log_mass(student_rest, s.max, inv_tau, log_norm);
+    }
+  }
+  if (tid != 0) return;
   finish_forward_row(p, row, stats, candidates);
 }
 
