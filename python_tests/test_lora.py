@@ -204,6 +204,49 @@ def test_target_modules_and_the_output_layer(tmp_path, tiny):
         Trainer(nowhere)
 
 
+def test_lora_step_the_same_on_both_loss_paths_and_with_activation_checkpointing(tmp_path, tiny):
+    """The fused linear path (the frozen output weight, no logits) and the logits path, each
+    with and without recomputing every layer: the same adapter update on one batch."""
+    run = {**tiny, **RUN, "eval_every": 0, "checkpoint_every": 0}
+    first = Trainer(make_config({**run, "run_dir": str(tmp_path / "first")}))
+    fresh = {name: t.clone() for name, t in lora.adapter_state(first.parts.student).items()}
+    batch = sample_rollouts(first.parts)
+    first.train_step(batch)
+    assert any(not torch.equal(t, fresh[name]) for name, t in
+               lora.adapter_state(first.parts.student).items())  # fmt: skip
+    want = _adapter_gradients(first.parts.student)  # still in .grad after the step
+    for loss_path, recompute in (("logits", False), ("fused_linear", True), ("logits", True)):
+        other = Trainer(make_config({**run, "run_dir": str(tmp_path / f"{loss_path}-{recompute}"),
+                                     "loss_path": loss_path,
+                                     "activation_checkpointing": recompute}))  # fmt: skip
+        other.train_step(batch)
+        got = _adapter_gradients(other.parts.student)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+def _adapter_gradients(model) -> dict[str, torch.Tensor]:
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad and
+              p.grad is not None]  # fmt: skip
+    assert frozen == []
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_sampling_ahead_resumes_exactly(tmp_path, tiny):
+    """max_staleness 1: the hf engine samples its own copy, refreshed with the merged
+    weights; stopped and resumed, the run's records are the uninterrupted ones."""
+    base = {**tiny, **RUN, "max_staleness": 1}
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    Trainer(make_config(dict(base, run_dir=full_dir))).run()
+    Trainer(make_config(dict(base, run_dir=resumed_dir))).run(stop_after=2)
+    Trainer(make_config(dict(base, run_dir=resumed_dir))).run(resume=True)
+    assert _records(full_dir) == _records(resumed_dir)
+    assert [r["rollout_staleness"] for r in _records(full_dir) if r["kind"] == "train"] == [
+        0, 1, 1, 1,
+    ]  # fmt: skip
+
+
 def _lora_student(tiny, **keys):
     """A LoRA tiny student whose B matrices are random (a fresh adapter is the identity)."""
     model = _base(tiny["student"])

@@ -257,9 +257,16 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
         if sharding[name] == "shard":
             dist.shard_frozen(built.local_model)
     if config.lora_rank:  # adapters in place, everything else frozen (opd_fast.training.lora)
-        from opd_fast.training.lora import apply_lora
+        from opd_fast.training.lora import apply_lora, parameter_counts
 
         pair.student = apply_lora(pair.student, config, paths["student"])
+        if dist.is_main:
+            counts = parameter_counts(pair.student)
+            print(
+                f"LoRA (rank {config.lora_rank}): {counts['trainable']:,} trainable parameters "
+                f"of {counts['total']:,} ({counts['trainable'] / counts['total']:.2%})",
+                flush=True,
+            )
     if config.activation_checkpointing:
         enable_activation_checkpointing(pair.student)
     pair.student = dist.shard(pair.student, placement.dtype, config.fsdp_cpu_offload)
