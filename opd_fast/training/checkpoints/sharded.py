@@ -178,9 +178,9 @@ class ShardedCheckpointer:
                 f"{path} was written by {world_size} ranks; resume it with the same number "
                 f"(this run has {dist.world_size})"
             )
-        from opd_fast.training.checkpoints.single import check_lora_match
+        from opd_fast.training.lora import is_lora
 
-        check_lora_match(path, model)
+        folders.check_lora_match(path, is_lora(model))
         options = _state_options(model)
         model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
         sharded = {"model": _kept(model, model_state), "optimizer": optimizer_state}

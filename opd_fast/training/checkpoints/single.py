@@ -18,6 +18,7 @@ import torch
 from opd_fast.training.checkpoints.folders import (
     CheckpointError,
     begin_checkpoint,
+    check_lora_match,
     fault,
     finish_checkpoint,
     read_trainer_state,
@@ -35,21 +36,6 @@ from opd_fast.training.lora import (
     lora_settings,
     save_adapter,
 )
-
-
-def check_lora_match(path: str, model) -> None:
-    """CheckpointError when checkpoint `path` and the run disagree on LoRA."""
-    saved = os.path.isdir(os.path.join(path, ADAPTER_DIR))
-    if saved and not is_lora(model):
-        raise CheckpointError(
-            f"{path} holds LoRA adapters only; resume it with the run's lora_* keys (lora_rank "
-            "> 0), or export it (opd-fast export)"
-        )
-    if is_lora(model) and not saved:
-        raise CheckpointError(
-            f"{path} holds a fully fine-tuned student, not LoRA adapters; resume it without "
-            "lora_rank (or start a new run folder)"
-        )
 
 
 class SingleProcessCheckpointer:
@@ -96,7 +82,7 @@ class SingleProcessCheckpointer:
                 f"{path} was written by a multi-rank run; resume it under torchrun with "
                 f"{state.get('world_size')} ranks (or export it: opd-fast export)"
             )
-        check_lora_match(path, model)
+        check_lora_match(path, is_lora(model))
         if is_lora(model):
             try:
                 load_adapter(model, os.path.join(path, ADAPTER_DIR))
