@@ -91,6 +91,7 @@ def main() -> None:
         gradients = {  # the step's gradients, still in .grad (a collective: every rank)
             name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
             for name, p in student.named_parameters()
+            if p.requires_grad  # a LoRA student's frozen base has none
         }
         if dist.is_main:
             torch.save(

@@ -256,6 +256,17 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
     for name, built in teachers.items():
         if sharding[name] == "shard":
             dist.shard_frozen(built.local_model)
+    if config.lora_rank:  # adapters in place, everything else frozen (opd_fast.training.lora)
+        from opd_fast.training.lora import apply_lora, parameter_counts
+
+        pair.student = apply_lora(pair.student, config, paths["student"])
+        if dist.is_main:
+            counts = parameter_counts(pair.student)
+            print(
+                f"LoRA (rank {config.lora_rank}): {counts['trainable']:,} trainable parameters "
+                f"of {counts['total']:,} ({counts['trainable'] / counts['total']:.2%})",
+                flush=True,
+            )
     if config.activation_checkpointing:
         enable_activation_checkpointing(pair.student)
     pair.student = dist.shard(pair.student, placement.dtype, config.fsdp_cpu_offload)
@@ -293,8 +304,8 @@ def build_run(config: TrainConfig, teacher: Teacher | None = None, loss_fn=opd_l
         unshard=unshard,
         own_copy=config.max_staleness > 0,
     )
-    optimizer = torch.optim.AdamW(
-        pair.student.parameters(),
+    optimizer = torch.optim.AdamW(  # a LoRA student's: its adapters alone
+        [parameter for parameter in pair.student.parameters() if parameter.requires_grad],
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,

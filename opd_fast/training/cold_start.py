@@ -109,7 +109,8 @@ def sft(
     if not pairs:
         raise ValueError("cold start: no teacher responses survived the filters")
     device = next(student.parameters()).device
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=0.0)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0)))
     )

@@ -59,6 +59,7 @@ _BOUNDS = (
             "health_window",
             "cold_start_steps",
             "rollout_is_cap",
+            "lora_rank",
         ),
         lambda value: value >= 0,
         ">= 0",
@@ -72,11 +73,13 @@ _BOUNDS = (
             "cold_start_lr",
             "grad_clip",
             "teacher_wait_s",
+            "lora_alpha",
         ),
         lambda value: value > 0,
         "> 0",
     ),
     (("weight_decay",), lambda value: value >= 0, ">= 0"),
+    (("lora_dropout",), lambda value: 0 <= value < 1, "in [0, 1)"),
     (("rollout_top_p", "eval_top_p"), lambda value: 0 < value <= 1, "in (0, 1]"),
     (("adam_beta1", "adam_beta2"), lambda value: 0 <= value < 1, "in [0, 1)"),
     (("seed",), lambda value: 0 <= value < 2**63, "in [0, 2**63)"),
@@ -214,6 +217,15 @@ class TrainConfig:
     # them (the same loss and gradients).
     activation_checkpointing: bool = False
 
+    # LoRA (opd_fast.training.lora, docs/lora.md; needs peft: pip install "opd_fast[lora]"):
+    # lora_rank > 0 trains only low-rank adapters of the student's linear layers (0: off; the
+    # embeddings and output layer always stay frozen). lora_target_modules: "all-linear" or a
+    # list of module names (q_proj, v_proj, ...). Checkpoints hold the adapters only.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list | str = "all-linear"
+
     def validate(self, world_size: int | None = None) -> TrainConfig:
         """Raise ValueError naming the first bad value (its type, range, or the file it
         names, or a limit of a multi-rank run), before anything is loaded; returns self for
@@ -260,6 +272,7 @@ class TrainConfig:
         parse_loggers(self.loggers)
         _check_packing(self)
         _check_ranks(self, env_world_size() if world_size is None else world_size)
+        _check_lora(self)
         _check_paths(self)
         return self
 
@@ -302,12 +315,17 @@ def _check_type(name: str, declared: str, value: Any) -> None:
         ok = isinstance(value, dict)
     elif kind == "int | str":
         ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+    elif kind == "list | str":
+        ok = isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+        )
     else:
         ok = isinstance(value, str)
     if not ok:
         wanted = {
             "bool": "true or false", "int": "an integer", "float": "a number",
             "dict": "a mapping", "int | str": "an integer or a string",
+            "list | str": "a string or a list of strings",
         }  # fmt: skip
         raise ValueError(
             f"config: {name} must be {wanted.get(kind, 'a string')}, "
@@ -383,6 +401,46 @@ def _check_template(template: str) -> None:
         ) from None
     if "{prompt}" not in template:
         raise ValueError(f"config: prompt_template never uses {{prompt}}: {template!r}")
+
+
+_LORA_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules")
+_OUTPUT_LAYERS = ("lm_head", "embed_tokens", "embed_out", "wte", "output")
+
+
+def _check_lora(config: TrainConfig) -> None:
+    """The LoRA keys, and peft, before any model loads."""
+    if not config.lora_rank:
+        default = TrainConfig()
+        changed = [name for name in _LORA_KEYS if getattr(config, name) != getattr(default, name)]
+        if changed:
+            raise ValueError(
+                f"config: {', '.join(changed)} set but lora_rank is 0 (LoRA off); set "
+                "lora_rank > 0 to train LoRA adapters"
+            )
+        return
+    targets = config.lora_target_modules
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            raise ValueError(
+                "config: lora_target_modules must be all-linear or a list of module names, "
+                f"got {targets!r}"
+            )
+    else:
+        if not targets or any(not name for name in targets):
+            raise ValueError(
+                f"config: lora_target_modules must name modules (or be all-linear), got {targets}"
+            )
+        frozen = sorted(set(targets) & set(_OUTPUT_LAYERS))
+        if frozen:
+            raise ValueError(
+                f"config: lora_target_modules names {frozen}: the embeddings and the output "
+                "layer stay frozen (the fused linear loss uses the base output weight); "
+                "target the decoder's linear layers (or all-linear)"
+            )
+    from opd_fast.training.lora import peft_available
+
+    if not peft_available():
+        raise ValueError('config: lora_rank needs the peft package: pip install "opd_fast[lora]"')
 
 
 def _check_packing(config: TrainConfig) -> None:
@@ -486,6 +544,13 @@ def _coerce(name: str, raw: Any) -> Any:
         return raw
     if raw.lower() in ("none", "null") and "None" in declared:
         return None
+    if kind == "list | str":  # --set lora_target_modules=q_proj,v_proj (or all-linear)
+        if raw.strip().startswith("["):
+            try:
+                return yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ValueError(f"config: {name} must be a YAML/JSON list, got {raw!r}") from None
+        return [part.strip() for part in raw.split(",")] if "," in raw else raw
     if kind == "dict":  # --set teachers='{math: /models/a, code: /models/b}'
         try:
             return yaml.safe_load(raw)

@@ -549,3 +549,21 @@ def latest_checkpoint(run_dir: str) -> str | None:
         if in_place and verify(path) is None:
             return path
     return None
+
+
+_ADAPTER_DIR = "adapter"  # a LoRA run's adapter folder (opd_fast.training.lora.ADAPTER_DIR)
+
+
+def check_lora_match(path: str, lora: bool) -> None:
+    """CheckpointError when checkpoint `path` and the run disagree on LoRA."""
+    saved = os.path.isdir(os.path.join(path, _ADAPTER_DIR))
+    if saved and not lora:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters only; resume it with the run's lora_* keys (lora_rank "
+            "> 0), or export it (opd-fast export)"
+        )
+    if lora and not saved:
+        raise CheckpointError(
+            f"{path} holds a fully fine-tuned student, not LoRA adapters; resume it without "
+            "lora_rank (or start a new run folder)"
+        )

@@ -10,6 +10,9 @@ A sharded step folder holds:
     metrics.jsonl           rank 0: the run's records up to this step
     model/                  config and tokenizer; at the run's end also the consolidated
                             safetensors weights (a folder transformers loads)
+    adapter/                a LoRA run's instead (its dcp/ holds the adapters alone): the peft
+                            adapter_config.json, and at the run's end the consolidated
+                            adapter_model.safetensors
     manifest.json           written last, by rank 0, after every rank's files are in
 
 Nothing in it is unpickled when it loads: the rank and trainer state files are safetensors +
@@ -58,6 +61,33 @@ def _full_model_state(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def _state_options(model):
+    """A LoRA run's DCP state holds the trainable parameters (the adapters) alone (`_kept`:
+    a frozen output layer tied to the frozen embeddings still comes with them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from opd_fast.training.lora import is_lora
+
+    lora = is_lora(model)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
+def _kept(model, state: dict) -> dict:
+    from opd_fast.training.lora import is_adapter, is_lora
+
+    if not is_lora(model):
+        return state
+    return {name: tensor for name, tensor in state.items() if is_adapter(name)}
+
+
+def _full_adapter_state(model) -> dict[str, torch.Tensor]:
+    """A LoRA model's adapters, unsharded on rank 0's CPU (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return _kept(model, get_model_state_dict(model, options=options))
+
+
 def _write_model_folder(model_config, state: dict | None, tokenizer, folder: str) -> None:
     """config (+ weights when `state` is given) and tokenizer as a Hugging Face folder."""
     from transformers import AutoModelForCausalLM
@@ -95,21 +125,34 @@ class ShardedCheckpointer:
         from torch.distributed.checkpoint import save as dcp_save
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        from opd_fast.training.lora import ADAPTER_DIR, is_lora, lora_settings, save_adapter
+
         dist, run_dir = self.dist, self.run_dir
+        lora = is_lora(model)
         with folders.saving(run_dir, step, folders.save_size(run_dir, model, optimizer)):
             temporary = dist.on_main(lambda: folders.begin_checkpoint(run_dir, step))
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(
+                model, optimizer, options=_state_options(model)
+            )
+            model_state = _kept(model, model_state)
             dcp_save(
                 {"model": model_state, "optimizer": optimizer_state},
                 checkpoint_id=os.path.join(temporary, DCP_DIR),
             )
             state_format.save_state(_rank_file(temporary, dist.rank), {"rng": folders.rng_state()})
-            full = _full_model_state(model) if final else None
+            full = None
+            if final:
+                full = _full_adapter_state(model) if lora else _full_model_state(model)
             dist.barrier()  # every rank's files are in before rank 0 seals the folder
 
             def seal() -> str:
                 model_dir = os.path.join(temporary, "model")
-                _write_model_folder(model.config, full, tokenizer, model_dir)
+                if lora:  # adapter_config.json always, the adapters' weights at the end
+                    save_adapter(os.path.join(temporary, ADAPTER_DIR), full, lora_settings(model))
+                    full_weights = None
+                else:
+                    full_weights = full
+                _write_model_folder(model.config, full_weights, tokenizer, model_dir)
                 folders.write_trainer_state(
                     temporary, step, {"world_size": dist.world_size, **trainer_state}, metrics_lines
                 )
@@ -135,14 +178,19 @@ class ShardedCheckpointer:
                 f"{path} was written by {world_size} ranks; resume it with the same number "
                 f"(this run has {dist.world_size})"
             )
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        sharded = {"model": model_state, "optimizer": optimizer_state}
+        from opd_fast.training.lora import is_lora
+
+        folders.check_lora_match(path, is_lora(model))
+        options = _state_options(model)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+        sharded = {"model": _kept(model, model_state), "optimizer": optimizer_state}
         load_dcp(sharded, os.path.join(path, DCP_DIR))
         set_state_dict(
             model,
             optimizer,
             model_state_dict=sharded["model"],
             optim_state_dict=sharded["optimizer"],
+            options=options,
         )
         rank_path = _rank_file(path, dist.rank)
         try:

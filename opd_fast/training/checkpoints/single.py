@@ -4,7 +4,9 @@ scheduler, sampler, RNG, metrics count, config; metrics.jsonl: the run's records
 sealed step folder (`folders`).
 
 Layout: <run_dir>/checkpoints/step_000050/{model/, trainer_state.safetensors, metrics.jsonl,
-manifest.json} (format 1, still read: trainer_state.pt and no metrics.jsonl).
+manifest.json} (format 1, still read: trainer_state.pt and no metrics.jsonl). A LoRA run's
+(opd_fast.training.lora) holds the adapters alone, as a peft folder adapter/, and model/ only
+the config and tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from opd_fast.training.checkpoints.folders import (
     CheckpointError,
     begin_checkpoint,
+    check_lora_match,
     fault,
     finish_checkpoint,
     read_trainer_state,
@@ -25,6 +28,14 @@ from opd_fast.training.checkpoints.folders import (
     write_trainer_state,
 )
 from opd_fast.training.checkpoints.sharded import is_sharded_checkpoint
+from opd_fast.training.lora import (
+    ADAPTER_DIR,
+    adapter_state,
+    is_lora,
+    load_adapter,
+    lora_settings,
+    save_adapter,
+)
 
 
 class SingleProcessCheckpointer:
@@ -49,7 +60,13 @@ class SingleProcessCheckpointer:
         system that refuses it raises CheckpointSaveError (folders.saving)."""
         with saving(self.run_dir, step, save_size(self.run_dir, model, optimizer)):
             temporary = begin_checkpoint(self.run_dir, step)
-            model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
+            if is_lora(model):  # the adapters alone; model/ keeps the config and tokenizer
+                save_adapter(
+                    os.path.join(temporary, ADAPTER_DIR), adapter_state(model), lora_settings(model)
+                )
+                model.config.save_pretrained(os.path.join(temporary, "model"))
+            else:
+                model.save_pretrained(os.path.join(temporary, "model"), safe_serialization=True)
             tokenizer.save_pretrained(os.path.join(temporary, "model"))
             fault("weights")
             state = {**trainer_state, "optimizer": optimizer.state_dict(), "rng": rng_state()}
@@ -65,7 +82,14 @@ class SingleProcessCheckpointer:
                 f"{path} was written by a multi-rank run; resume it under torchrun with "
                 f"{state.get('world_size')} ranks (or export it: opd-fast export)"
             )
-        load_weights(model, os.path.join(path, "model"))
+        check_lora_match(path, is_lora(model))
+        if is_lora(model):
+            try:
+                load_adapter(model, os.path.join(path, ADAPTER_DIR))
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
+        else:
+            load_weights(model, os.path.join(path, "model"))
         optimizer.load_state_dict(state["optimizer"])
         return state
 

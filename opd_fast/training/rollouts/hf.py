@@ -15,7 +15,8 @@ import contextlib
 
 import torch
 
-from opd_fast.training.distributed import fsdp_units, full_state_items, is_sharded, unsharded
+from opd_fast.training.distributed import fsdp_units, is_sharded, unsharded
+from opd_fast.training.lora import engine_state_items
 from opd_fast.training.rollouts.base import RolloutEngine, SamplingSettings
 from opd_fast.training.rollouts.batch import RolloutBatch, pack
 
@@ -46,7 +47,7 @@ class HFEngine(RolloutEngine):
         moved = 0
         state = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in full_state_items(model, next(self.model.parameters()).dtype):
+            for name, tensor in engine_state_items(model, next(self.model.parameters()).dtype):
                 state[name].copy_(tensor)
                 moved += tensor.numel() * tensor.element_size()
         self.last_sync_bytes = moved

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from opd_fast.training.distributed import full_state_items
+from opd_fast.training.lora import engine_state_items
 from opd_fast.training.rollouts.base import EngineUnavailable, RolloutEngine, SamplingSettings
 from opd_fast.training.rollouts.batch import RolloutBatch, pack
 
@@ -160,14 +160,16 @@ class VLLMEngine(RolloutEngine):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s parameters and buffers into the engine, in the engine's dtype (vLLM's
         load_weights maps Hugging Face names onto its fused layers), then drop the now stale
-        prefix cache. A sharded student is gathered one FSDP unit (a decoder layer) at a time,
-        each unit's tensors consumed by vLLM before the next is gathered: the extra memory is
-        one layer's full tensors, not the whole model."""
+        prefix cache. A LoRA student's weights are merged (W + alpha/r * B @ A) under the base
+        model's names (opd_fast.training.lora.engine_state_items). A sharded student is
+        gathered one FSDP unit (a decoder layer) at a time, each unit's tensors consumed by vLLM
+        before the next is gathered: the extra memory is one layer's full tensors, not the
+        whole model."""
         self._wake(["weights"])
         moved = [0]
 
         def counted():
-            for name, tensor in full_state_items(model, self.dtype):
+            for name, tensor in engine_state_items(model, self.dtype):
                 moved[0] += tensor.numel() * tensor.element_size()
                 yield name, tensor
 
