@@ -16,17 +16,22 @@ and, through `inlined_at`, to the lines that called it. The rules:
   is recognised by its range reduction in the instructions before it (an fma.rm.f32 and the
   low part of log2(e), 0f32A57060, which only a compensated reduction needs), or the
   kernels' one fast exp (the line of common.cuh marked `opd-fast-math: exp_stream`) reached
-  only from the streaming-pass functions in STREAMING_FUNCTIONS. Any other ex2 (__expf,
-  exp2f, a fast exp called from elsewhere) fails.
+  only from the streaming-pass functions in STREAMING_FUNCTIONS, or an ex2 of a whole number
+  (2^n is exact): CUDA's accurate expm1f scales by 2^n for the n it rounded x / ln 2 to
+  (cvt.rni). Whole numbers are followed through the registers (cvt.rni/rzi/rmi/rpi, and mov,
+  selp and add of whole numbers). Any other ex2 (__expf, exp2f, a fast exp called from
+  elsewhere) fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,6 +55,10 @@ EX2_F32 = re.compile(r"\bex2\.approx(?:\.ftz)?\.f32\b")
 # this many instructions before its ex2.
 EXPF_WINDOW = 16
 LOG2E_LOW = "0f32A57060"
+# f32 instructions whose result is a whole number when their operands are (or, for the
+# roundings to an integer, always).
+ROUND_TO_INTEGER = re.compile(r"^cvt\.r[nzmp]i\.f32\.f32\s+(%f\d+),")
+KEEPS_INTEGER = re.compile(r"^(?:mov|selp|add|sub|neg)\.f32\s+(%f\d+),\s*(.*?);")
 
 PROBE = """\
 // Every kernel of csrc/kernels/cuda, for every logits dtype (what csrc/launchers/cuda.cu
@@ -137,6 +146,7 @@ def marker_line(path: str) -> int:
 class Report:
     fast_exp: int = 0  # ex2 of exp_stream, reached from a streaming function
     accurate_expf: int = 0  # ex2 inside CUDA's accurate expf
+    exact_ex2: int = 0  # ex2 of a whole number (CUDA's accurate expm1f)
     rcp_f64: int = 0
     violations: list[str] = field(default_factory=list)
 
@@ -150,6 +160,38 @@ LOC = re.compile(
     r"(?:,\s*function_name\s+\S+?,\s*inlined_at\s+(\d+)\s+(\d+)\s+\d+)?"
 )
 FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
+
+
+def whole_f32(operand: str, whole: set[str]) -> bool:
+    """Whether a PTX f32 operand (register, predicate or immediate) is a whole number."""
+    operand = operand.strip()
+    if operand.startswith("%p"):  # selp's predicate
+        return True
+    if operand.startswith("%"):
+        return operand in whole
+    if re.fullmatch(r"0f[0-9A-Fa-f]{8}", operand):
+        value = struct.unpack(">f", bytes.fromhex(operand[2:]))[0]
+        return math.isfinite(value) and value == int(value)
+    return False
+
+
+def track_whole(instruction: str, whole: set[str]) -> None:
+    """Updates `whole` (the f32 registers holding a whole number) after `instruction`."""
+    rounded = ROUND_TO_INTEGER.match(instruction)
+    if rounded:
+        whole.add(rounded.group(1))
+        return
+    kept = KEEPS_INTEGER.match(instruction)
+    if kept:
+        target, operands = kept.group(1), kept.group(2).split(",")
+        if all(whole_f32(o, whole) for o in operands):
+            whole.add(target)
+        else:
+            whole.discard(target)
+        return
+    written = re.match(r"^\S+\s+(%f\d+),", instruction)
+    if written:
+        whole.discard(written.group(1))
 
 
 def check_ptx(ptx: str, csrc: str = CSRC) -> Report:
@@ -168,9 +210,11 @@ def check_ptx(ptx: str, csrc: str = CSRC) -> Report:
     location: tuple | None = None  # (file, line, inlined_at file, inlined_at line)
     caller_of: dict = {}  # (file, line) -> the (file, line) it was last inlined at
     recent: list[str] = []
+    whole: set[str] = set()  # f32 registers that hold a whole number
     for text in lines:
         if text.startswith(".visible .entry") or text.startswith(".entry"):
             caller_of.clear()
+            whole.clear()
         loc = LOC.match(text)
         if loc:
             where = (files.get(int(loc.group(1)), loc.group(1)), int(loc.group(2)))
@@ -193,6 +237,13 @@ def check_ptx(ptx: str, csrc: str = CSRC) -> Report:
             report.rcp_f64 += 1
             continue
         if not EX2_F32.search(instruction):
+            track_whole(instruction, whole)
+            continue
+        operand = re.search(r",\s*(\S+?);", instruction)
+        exact = operand is not None and whole_f32(operand.group(1), whole)
+        track_whole(instruction, whole)  # the ex2's own result is no whole number
+        if exact:
+            report.exact_ex2 += 1
             continue
         if location is None:
             report.violations.append(f"ex2.approx with no source line: {instruction}")
@@ -237,7 +288,8 @@ def main() -> int:
     report = check_kernels(args.arch)
     print(
         f"sm_{args.arch}: {report.fast_exp} fast exps (exp_stream, streaming pass), "
-        f"{report.accurate_expf} ex2 inside accurate expf, {report.rcp_f64} f64 rcp seeds, "
+        f"{report.accurate_expf} ex2 inside accurate expf, {report.exact_ex2} exact ex2 of "
+        f"whole numbers (expm1f), {report.rcp_f64} f64 rcp seeds, "
         f"{len(report.violations)} violations"
     )
     for violation in sorted(set(report.violations)):

@@ -343,8 +343,16 @@ def forward_cases(quick: bool):
     for dtype in (torch.float32, torch.float16):
         s, t = torch.randn(4, 120).to(dtype), torch.randn(4, 120).to(dtype)
         for estimator in ("pg", "tail"):
-            yield case(f"{dtype} sampled ids out of range {estimator}", s, t, 16,
-                       "sampled_token", estimator, 1.3, sampled=torch.tensor([0, 119, -1, 120]))
+            yield case(
+                f"{dtype} sampled ids out of range {estimator}",
+                s,
+                t,
+                16,
+                "sampled_token",
+                estimator,
+                1.3,
+                sampled=torch.tensor([0, 119, -1, 120]),
+            )
     for dtype in dtypes:  # tail: sets holding almost all mass (the pass over the rest)
         s, t = confident_rows(dtype)
         for variant in VARIANTS:
@@ -423,8 +431,10 @@ def device_math_case(binaries, work, case, math: str) -> bool:
     if case.variant == "full_vocab" or case.estimator == "exact":
         ok = ok and bool((loss >= 0).all())  # a KL, never negative
     grad_text = "-" if bound.grad is None else f"{grad_error:.2e} / {bound.grad:.2e}"
-    print(f"  {'ok  ' if ok else 'FAIL'} {math:6} {case.name:40} loss {loss_error:.2e} / "
-          f"{bound.loss:.2e}  grad {grad_text}")
+    print(
+        f"  {'ok  ' if ok else 'FAIL'} {math:6} {case.name:40} loss {loss_error:.2e} / "
+        f"{bound.loss:.2e}  grad {grad_text}"
+    )
     return ok
 
 
