@@ -169,11 +169,13 @@ def _repro(args) -> int:
     from opd_fast.paper.repro import run_repro
 
     only = [name.strip() for name in args.only.split(",")] if args.only else None
-    run_repro(out_dir=args.out, quick=args.quick, seeds=args.seeds, only=only)
+    run_repro(out_dir=args.out, quick=args.quick, seeds=args.seeds, only=only, world=args.world)
     return 0
 
 
 def add_paper_commands(commands) -> None:
+    from opd_fast.toy.spec import WORLDS  # the spec alone: no torch at parser-building time
+
     probe = commands.add_parser(
         "probe", help="before training: initial overlap / entropy gap of student vs teachers"
     )
@@ -245,5 +247,12 @@ def add_paper_commands(commands) -> None:
         "--only",
         default=None,
         help="comma-separated run names (e.g. teacher,full_vocab): run and report these only",
+    )
+    repro.add_argument(
+        "--world",
+        default="default",
+        choices=sorted(WORLDS),
+        help="the toy world: default (embedded) or graded (the student half-knows what it "
+        "was not taught; docs/repro-2026-12-03-graded-world)",
     )
     repro.set_defaults(handler=_repro)

@@ -164,6 +164,8 @@ def _build_base(spec: ToyWorldSpec, tmp: str) -> None:
         },
         "models": {},
     }
+    if spec.graded_values:  # absent from the default world's world.json, as before
+        world["decoys"] = {entity_name(e): list(d) for e, d in enumerate(facts.decoys) if d}
     _write_json(os.path.join(tmp, "world.json"), world)
 
 

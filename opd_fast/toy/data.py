@@ -37,11 +37,15 @@ class Facts:
 
     values[i]: secret value of entity i.  student_known: sorted entity indices the student
     (and teacher_same_pipeline) is trained on.  eval_operands[i]: operands held out for entity i.
+    decoys[i]: in a graded world (spec.graded_values), the wrong values the student's data
+    gives entity i beside its true one, most likely first; empty for the student's known
+    entities, and everywhere in the default world.
     """
 
     values: tuple[int, ...]
     student_known: tuple[int, ...]
     eval_operands: tuple[tuple[int, ...], ...]
+    decoys: tuple[tuple[int, ...], ...] = ()
 
     def known_by(self, knows: str) -> tuple[int, ...]:
         """Entity indices a model with recipe.knows == `knows` is trained on."""
@@ -73,7 +77,35 @@ def make_facts(spec: ToyWorldSpec) -> Facts:
         tuple(sorted(rng.sample(range(spec.n_operands), spec.eval_operands_per_entity)))
         for _ in range(spec.n_entities)
     )
-    return Facts(tuple(values), tuple(sorted(known)), eval_operands)
+    if not spec.graded_values:
+        return Facts(tuple(values), tuple(sorted(known)), eval_operands)
+    # A separate stream, so the graded world's values, known set and held-out operands are the
+    # default world's (for the same seed).
+    decoy_rng = random.Random(f"toy-decoys-{spec.seed}")
+    known_set = set(known)
+    decoys = tuple(
+        ()
+        if entity in known_set
+        else tuple(
+            decoy_rng.sample(
+                [v for v in range(spec.n_values) if v != values[entity]],
+                len(spec.graded_values) - 1,
+            )
+        )
+        for entity in range(spec.n_entities)
+    )
+    return Facts(tuple(values), tuple(sorted(known)), eval_operands, decoys)
+
+
+def graded_candidates(
+    spec: ToyWorldSpec, facts: Facts, entity: int
+) -> tuple[list[int], list[float]]:
+    """(values, weights) the student's data draws entity's value from: the true value alone
+    for a known entity (or in the default world), else the true value and its decoys with
+    spec.graded_values."""
+    if not facts.decoys or not facts.decoys[entity]:
+        return [facts.values[entity]], [1.0]
+    return [facts.values[entity], *facts.decoys[entity]], list(spec.graded_values)
 
 
 def prompt_text(entity: int, operand: int) -> str:
@@ -151,9 +183,18 @@ def training_stream(
     knows (non-held-out operands only) once and every entity's repeat example
     `spec.repeat_copies` times. Seeded by the world seed, `knows`, `pattern` and
     `phrasing_shift` alone: models with the same knowledge and phrasing (student,
-    teacher_same_pipeline) see the same stream."""
+    teacher_same_pipeline) see the same stream.
+
+    In a graded world (spec.graded_values) the "subset" pool also holds the worked examples of
+    every other entity, each drawing its value from the entity's graded candidates (true
+    value and decoys) afresh whenever it is drawn."""
     rng = random.Random(f"toy-stream-{spec.seed}-{knows}-{pattern}-{phrasing_shift}")
     pool: list[tuple[int, int]] = list(train_pairs(spec, facts, facts.known_by(knows)))
+    graded = knows == "subset" and bool(spec.graded_values)
+    if graded:
+        known = set(facts.student_known)
+        others = tuple(e for e in range(spec.n_entities) if e not in known)
+        pool += train_pairs(spec, facts, others)
     pool += [(e, -1) for e in range(spec.n_entities) for _ in range(spec.repeat_copies)]
     examples = []
     for _ in range(count):
@@ -162,6 +203,9 @@ def training_stream(
             examples.append(repeat_text(entity))
         else:
             value = facts.values[entity]
+            if graded and facts.decoys[entity]:
+                candidates, weights = graded_candidates(spec, facts, entity)
+                value = rng.choices(candidates, weights)[0]
             response = response_text(entity, operand, value, pattern, spec, rng, phrasing_shift)
             examples.append((prompt_text(entity, operand), response))
     return examples

@@ -116,6 +116,14 @@ class ToyWorldSpec:
         default_factory=lambda: TrainSpec(steps=150, lr=1e-3, warmup_steps=10)
     )
     teacher_phrasing_shift: int = 4
+    # Graded knowledge (the "graded" world; empty in the default world): when set, the
+    # student's data also holds worked examples of the entities outside its known set, whose
+    # value is drawn per example from that entity's candidates with these weights. The first
+    # weight is the true value's, each further one a decoy's (distinct wrong values, fixed per
+    # entity by the seed, see data.make_facts). E.g. (0.3, 0.5, 0.2): the student half-knows
+    # such an entity, its favourite value is a wrong but plausible one, and the true value
+    # still carries real mass, where the teacher (trained on true values) ranks it first.
+    graded_values: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_entities < 2 or self.n_values < 2 or self.n_operands < 2:
@@ -132,6 +140,14 @@ class ToyWorldSpec:
             raise ValueError("teacher_phrasing_shift must be in [0, synonyms_per_slot)")
         if self.n_entities > 10_000:
             raise ValueError("n_entities must be at most 10000 (entity names have 4 digits)")
+        if not isinstance(self.graded_values, tuple):  # a list from JSON: keep the spec hashable
+            object.__setattr__(self, "graded_values", tuple(self.graded_values))
+        if self.graded_values:
+            weights = self.graded_values
+            if len(weights) < 2 or len(weights) > self.n_values:
+                raise ValueError("graded_values needs 2 to n_values weights (true value, decoys)")
+            if min(weights) <= 0 or abs(sum(weights) - 1.0) > 1e-9:
+                raise ValueError("graded_values must be positive and sum to 1")
 
     def recipe(self, name: str) -> ModelRecipe:
         """Training recipe of the model called `name` (one of MODEL_NAMES)."""
@@ -158,7 +174,15 @@ class ToyWorldSpec:
         return recipes[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except those added after format 2 while they hold their default: the
+        default world's dict, and hence its cache key, are what they were before they existed."""
+        values = dataclasses.asdict(self)
+        for name in _LATER_FIELDS:
+            if values[name] == _DEFAULTS[name]:
+                del values[name]
+            else:
+                values[name] = list(values[name])
+        return values
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ToyWorldSpec:
@@ -175,3 +199,27 @@ class ToyWorldSpec:
         """Cache key: format version plus a hash of every field."""
         blob = json.dumps({"format": FORMAT_VERSION, "spec": self.to_dict()}, sort_keys=True)
         return f"world-v{FORMAT_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+# Fields added to the spec after format 2; to_dict leaves them out while they hold their
+# default, so existing worlds keep their keys.
+_LATER_FIELDS = ("graded_values",)
+_DEFAULTS = {name: getattr(ToyWorldSpec(), name) for name in _LATER_FIELDS}
+
+# Named worlds (`opd-fast repro --world NAME`). "default" is the embedded toy world. "graded"
+# puts the student's top-k disagreement with the teacher where the mass is: the student
+# half-knows every entity outside its known set (its favourite value for it is a decoy, the
+# true value second, one more decoy third), and the matched teacher phrases exactly like the
+# student (no drift), so the free wording, whose low-ranked synonyms make the rest of the
+# top-16 sets, carries little of the disagreement's mass (docs/repro-2026-12-03-graded-world).
+WORLDS: dict[str, ToyWorldSpec] = {
+    "default": ToyWorldSpec(),
+    "graded": ToyWorldSpec(graded_values=(0.3, 0.5, 0.2), teacher_phrasing_shift=0),
+}
+
+
+def world_spec(name: str) -> ToyWorldSpec:
+    """The spec of the named world (one of WORLDS)."""
+    if name not in WORLDS:
+        raise ValueError(f"unknown toy world {name!r}; choose from {', '.join(WORLDS)}")
+    return WORLDS[name]
