@@ -214,3 +214,23 @@ def test_repro_judge_needs_spread_to_call_a_finding_reproduced():
     assert judge([0.1, 0.15, 0.12], [0.8, 0.7, 0.75])[0] == "opposite"
     assert "1 seed" in judge([0.8], [0.1])[0]
     assert judge([None], [0.1])[0].startswith("undefined")
+
+
+def test_repro_judge_keeps_asks_for_the_reference_within_the_spread():
+    from opd_fast.paper.repro import FINDINGS, judge_keeps
+
+    # Student Top-k 0.875 +- 0.028 on the default world: 0.80 keeps nearly all of it (91%);
+    # the default world's Overlap (0.678 +- 0.212) falls short within its own spread; the
+    # graded world's (-0.184 +- 0.574 against 0.531 +- 0.084) beyond it.
+    student = [0.85, 0.87, 0.905]
+    assert judge_keeps([0.78, 0.80, 0.82], student)[0] == "reproduced"
+    assert judge_keeps([0.95, 0.96, 0.97], student)[0] == "reproduced"  # above it
+    assert judge_keeps([0.44, 0.76, 0.84], student)[0] == "not reproduced (within seed spread)"
+    assert judge_keeps([0.068, 0.221, -0.841], [0.489, 0.628, 0.477])[0] == "not reproduced"
+    assert judge_keeps([0.70, 0.71, 0.72], student)[0] == "not reproduced"
+    assert "1 seed" in judge_keeps([0.8], [0.9])[0]
+    # (c)'s rows compare what their labels say: Overlap against Student Top-k ("teacher") and
+    # against Non-Overlap, each with its own test.
+    rows = {finding: (winner, loser, test) for _, finding, winner, loser, *_, test in FINDINGS}
+    assert rows["overlap keeps student top-k's benefit"] == ("overlap_topk", "teacher", "keeps")
+    assert rows["overlap vs non-overlap top-k"] == ("overlap_topk", "nonoverlap_topk", "beats")
