@@ -7,29 +7,20 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from opd_fast.toy import ArchSpec, ToyWorldSpec, TrainSpec, data, toy_assets
+from opd_fast.toy import ToyWorldSpec, TrainSpec, data, toy_assets
 from opd_fast.toy.spec import WORLDS, world_spec
 from opd_fast.toy.tokenizer import entity_name
 
-TINY_ARCH = ArchSpec(
-    hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64
-)
-TINY_TRAIN = TrainSpec(steps=8, batch_size=16, warmup_steps=2)
-TINY_GRADED = ToyWorldSpec(
-    seed=3,
-    n_entities=12,
-    student_arch=TINY_ARCH,
-    large_arch=TINY_ARCH,
-    student_train=TINY_TRAIN,
-    teacher_train=TINY_TRAIN,
-    graded_values=(0.3, 0.5, 0.2),
-    teacher_phrasing_shift=0,
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_toy_world import TINY, TINY_ARCH  # noqa: E402
+
+TINY_GRADED = dataclasses.replace(TINY, graded_values=(0.3, 0.5, 0.2), teacher_phrasing_shift=0)
 
 # The default world as it was before graded_values existed (commit 8e67c04): its cache key, and
 # a digest of its facts, the first 300 examples of the student's and the teacher's training
