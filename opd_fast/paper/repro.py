@@ -204,6 +204,11 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.mean(values), spread
 
 
+def _seeds_of_both(first: list, second: list) -> int:
+    """How many seeds each of two runs measured, the fewer of the two."""
+    return min(sum(v is not None for v in first), sum(v is not None for v in second))
+
+
 def judge(winner: list, loser: list) -> tuple[str, float | None]:
     """'reproduced' / 'not reproduced' / 'opposite', and the difference of means. With one
     seed there is no spread to compare against: only the direction is reported."""
@@ -211,7 +216,7 @@ def judge(winner: list, loser: list) -> tuple[str, float | None]:
     if mean_w is None or mean_l is None:
         return "undefined (no gap to recover)", None
     difference = mean_w - mean_l
-    if min(len([v for v in winner if v is not None]), len([v for v in loser if v is not None])) < 2:
+    if _seeds_of_both(winner, loser) < 2:
         sign = "same direction as" if difference > 0 else "not the direction of"
         return f"{sign} the paper (1 seed: no spread, not a test)", difference
     if difference > max(spread_w, spread_l) and difference > 0:
@@ -233,20 +238,13 @@ def judge_keeps(kept: list, reference: list) -> tuple[str, float | None]:
     if mean_k is None or mean_r is None:
         return "undefined (no gap to recover)", None
     difference = mean_k - mean_r
-    shortfall = -difference
-    counted = min(
-        len([v for v in kept if v is not None]), len([v for v in reference if v is not None])
-    )
-    if counted < 2:
-        sign = (
-            "same direction as"
-            if shortfall <= (1 - KEEPS_SHARE) * abs(mean_r)
-            else "not the direction of"
-        )
+    keeps = -difference <= (1 - KEEPS_SHARE) * abs(mean_r)
+    if _seeds_of_both(kept, reference) < 2:
+        sign = "same direction as" if keeps else "not the direction of"
         return f"{sign} the paper (1 seed: no spread, not a test)", difference
-    if shortfall <= (1 - KEEPS_SHARE) * abs(mean_r):
+    if keeps:
         return "reproduced", difference
-    if shortfall > max(spread_k, spread_r):
+    if -difference > max(spread_k, spread_r):
         return "not reproduced", difference
     return "not reproduced (within seed spread)", difference
 
