@@ -18,13 +18,21 @@ import json
 import torch
 
 from opd_fast.models.loading import CPU_FP32, load_model
-from opd_fast.op.reference import topk_mask
+from opd_fast.op.reference import token_metrics, topk_mask
 from opd_fast.toy import data, toy_assets
 from opd_fast.toy.spec import world_spec
 
 # Word index in a chain response "e017 is 7 . 7 plus 4 is 11 . \boxed{ 11 } <eos>".
 VALUE_INDEX = 2
 SLOT_INDICES = (1, 3, 5, 7, 9)
+# The training's own per-token metrics (opd_fast.op.reference.token_metrics) this tool reports.
+SHARED_METRICS = (
+    "overlap_ratio",
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+    "student_topk_mass",
+    "teacher_topk_mass",
+)
 
 
 def position_kind(index: int) -> str:
@@ -80,13 +88,10 @@ def measure(world: str, prompts: int, rollouts: int, k: int, seed: int) -> dict:
             s_q = topk_mask(lq[None], k)[0]
             overlap = s_p & s_q
             p, q = lp.exp(), lq.exp()
+            shared = token_metrics(s_p[None], s_q[None], lp[None], lq[None], k)
             values = {
                 "tokens": 1.0,
-                "overlap_ratio": overlap.sum().item() / k,
-                "overlap_mass_student": p[overlap].sum().item(),
-                "overlap_mass_teacher": q[overlap].sum().item(),
-                "student_topk_mass": p[s_p].sum().item(),
-                "teacher_topk_mass": q[s_q].sum().item(),
+                **{name: shared[name].item() for name in SHARED_METRICS},
                 # mass of the symmetric difference: the student's on its own-only tokens, the
                 # teacher's on its own-only tokens
                 "student_mass_only_student_set": p[s_p & ~s_q].sum().item(),
