@@ -200,16 +200,27 @@ def _confident_case(variant):
                         k=4, sampled=True)  # fmt: skip
 
 
+def _spread_confident_case(variant):
+    from numerics_cases import spread_confident_case
+
+    return spread_confident_case(variant)
+
+
+@pytest.mark.parametrize("case_of", [_confident_case, _spread_confident_case],
+                         ids=["at_the_start", "spread"])  # fmt: skip
 @pytest.mark.parametrize("dtype", LOGITS_DTYPES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_tail_when_the_set_holds_almost_all_mass(variant, dtype):
+def test_tail_when_the_set_holds_almost_all_mass(variant, dtype, case_of):
     """Issue 22: sets holding all but 1e-2 .. 1e-12 of a model's mass, where 1 - mass keeps no
     digits in fp32 (a confident teacher's rest used to round to 0, an infinite loss): the op
     sums the rest of the row instead, and is as accurate as the fp32 reference (2x, on the
-    values rounded to `dtype`; bf16 / fp16 gradients plus one ulp of their own rounding)."""
+    values rounded to `dtype`; bf16 / fp16 gradients plus one ulp of their own rounding).
+    `spread`: the sets' ids in later parts and blocks of the row than its start (the rest is
+    summed from the row pass's partial sums, rescaled to the row's max) and rests below 1e-20
+    of the top term (a pass over the rest of its own)."""
     from numerics_cases import cpu_bound, errors, per_token
 
-    case = _confident_case(variant)
+    case = case_of(variant)
     student, teacher = case.logits()
     bound, (loss64, grad64) = cpu_bound(case, student, teacher, dtype)
     loss, grad = per_token(opd_fast.opd_loss, student.to(dtype), teacher.to(dtype), case,

@@ -280,7 +280,9 @@ OPD_HOST_DEVICE int complement_ids(Variant variant, const RowStats<acc_t>& stats
 //     L = sum_A p_v (log p_v - log q_v) + P (log P - log Q),  P = 1 - sum_A p, Q = 1 - sum_A q,
 //     dL/dz_j = (1/tau) p_j (a_j - L) for j in A, (1/tau) p_j (a - L) elsewhere,
 // with a_j = log p_j - log q_j and a = log P - log Q (0 where P = 0: no mass to move), i.e.
-// C = a - L and coef(j) = p_j (a - a_j).
+// C = a - L and coef(j) = p_j (a - a_j). C is formed as sum_A coef(j) (equal, as
+// 1 - P = sum_A p): a - L cancels to a few ulp of a when A holds little of the student's mass
+// and the teacher's rest is tiny (a of ~15, a - L of ~0.3), the sum keeps its digits.
 template <typename acc_t>
 OPD_HOST_DEVICE RowResult<acc_t> tail_row_loss(Variant variant, const RowStats<acc_t>& stats,
                                                const Candidates<acc_t>& all, int64_t* sparse_id,
@@ -304,15 +306,18 @@ OPD_HOST_DEVICE RowResult<acc_t> tail_row_loss(Variant variant, const RowStats<a
     if (!in_loss_set(set.filter, cand.in_student[i], cand.in_teacher[i])) continue;
     loss += weighted_log_ratio(safe_exp(cand.log_p[i]), cand.log_p[i], cand.log_q[i]);
   }
-  RowResult<acc_t> result{loss, tail_gap - loss, 0};
+  RowResult<acc_t> result{loss, acc_t(0), 0};
   for (int i = 0; i < cand.count; ++i) {
     if (!in_loss_set(set.filter, cand.in_student[i], cand.in_teacher[i])) continue;
     const acc_t p = safe_exp(cand.log_p[i]);
     if (!(p > acc_t(0))) continue;
+    const acc_t coef = p * (tail_gap - (cand.log_p[i] - cand.log_q[i]));
     sparse_id[result.sparse_count] = cand.id[i];
-    sparse_coef[result.sparse_count] = p * (tail_gap - (cand.log_p[i] - cand.log_q[i]));
+    sparse_coef[result.sparse_count] = coef;
+    result.grad_scale += coef;
     ++result.sparse_count;
   }
+  if (!(loss - loss == acc_t(0))) result.grad_scale = tail_gap - loss;  // NaN / inf: as before
   return result;
 }
 
