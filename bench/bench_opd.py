@@ -94,6 +94,7 @@ BASELINES = ("careful", "careful_compile", "reference")
 # estimator; the floor's rows say estimator "n/a").
 ESTIMATOR_IMPLS = ("opd_fast", "careful", "careful_compile", "reference")
 MODES = ("fwd", "fwd_bwd")
+LOGITS = ("random", "confident")
 DEFAULT_PEAK_GBPS = {"cpu": 28.0, "cuda": 3350.0}
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Bytes of peak memory above the inputs per logits element, assumed before any measurement
@@ -172,9 +173,19 @@ def make_loss_fn(impl, args):
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 
-def make_inputs(rows, vocab, dtype, device, seed):
+# `--logits confident`: this much is added to CONFIDENT_IDS random logits of each row, so
+# that its top-16 holds all but about 1e-3 of both models' mass (the rows on which the tail
+# estimator sums the rest of the row in a second pass; docs/math.md, tail).
+CONFIDENT_BOOST = 16.0
+CONFIDENT_IDS = 16
+
+
+def make_inputs(rows, vocab, dtype, device, seed, logits="random"):
     """Student logits ~ 2*N(0,1) and a correlated teacher (student + N(0,1)), made in chunks
-    so no fp32 (N, V) temporary is needed, and a sampled id per row."""
+    so no fp32 (N, V) temporary is needed, and a sampled id per row. `logits="confident"`
+    lifts CONFIDENT_IDS random ids of each row (the same in both models) by CONFIDENT_BOOST."""
+    if logits not in LOGITS:
+        raise ValueError(f"unknown logits {logits!r}; expected one of {LOGITS}")
     generator = torch.Generator(device=device).manual_seed(seed)
     student = torch.empty(rows, vocab, dtype=dtype, device=device)
     teacher = torch.empty(rows, vocab, dtype=dtype, device=device)
@@ -184,6 +195,10 @@ def make_inputs(rows, vocab, dtype, device, seed):
         shape = (stop - start, vocab)
         s = 2.0 * torch.randn(shape, generator=generator, device=device)
         t = s + torch.randn(shape, generator=generator, device=device)
+        if logits == "confident":
+            ids = torch.rand(shape, generator=generator, device=device).topk(CONFIDENT_IDS).indices
+            s.scatter_add_(1, ids, torch.full(ids.shape, CONFIDENT_BOOST, device=device))
+            t.scatter_add_(1, ids, torch.full(ids.shape, CONFIDENT_BOOST, device=device))
         student[start:stop].copy_(s)
         teacher[start:stop].copy_(t)
     sampled_ids = torch.randint(0, vocab, (rows,), generator=generator, device=device)
@@ -283,14 +298,14 @@ def run_impl(spec):
     call = make_call(impl, args)
     fingerprint = extension_fingerprint().get("extension_sha256") if impl == "opd_fast" else None
     if impl != "careful_compile":  # one-time initialisation (threads, lazy modules) off the books
-        tiny = make_inputs(2, args.vocab, dtype, device, args.seed)
+        tiny = make_inputs(2, args.vocab, dtype, device, args.seed, args.logits)
         tiny[0].requires_grad_(True)
         for mode in spec["modes"]:
             del_result = call(tiny, mode)
             del del_result
         del tiny
         _sync(device)
-    inputs = make_inputs(rows, args.vocab, dtype, device, args.seed)
+    inputs = make_inputs(rows, args.vocab, dtype, device, args.seed, args.logits)
     inputs[0].requires_grad_(True)
     _sync(device)
     kinds = spec.get("interleave", ["off"])
@@ -594,6 +609,7 @@ def add_derived(rows_out, args, peak_gbps):
             k=args.k,
             variant=args.variant,
             temperature=args.temperature,
+            logits=getattr(args, "logits", "random"),
             device=args.device,
         )
         row["bytes_min"] = passes * row["N"] * args.vocab * element
@@ -819,6 +835,13 @@ def parse_args(argv=None):
         "the exact row's)",
     )
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--logits",
+        default="random",
+        choices=LOGITS,
+        help="random: 2*N(0,1) rows; confident: rows whose top-16 hold all but ~1e-3 of the "
+        "mass (where tail sums the rest of each row)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument(

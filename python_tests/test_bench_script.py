@@ -101,3 +101,23 @@ def test_several_estimators_in_one_run(tmp_path):
     targets = {t["estimator"]: t for t in document["targets"]}
     assert targets["tail"]["meets_tail_x_exact"] is not None
     assert "meets_tail_x_exact" not in targets["exact"]
+
+
+def test_confident_logits_put_the_rows_where_tail_sums_the_rest(tmp_path):
+    """--logits confident: every row's top-16 holds more than 15/16 of both models' mass (the
+    threshold above which tail sums the rest of the row), and the rows say which logits."""
+    import torch
+
+    from opd_fast.op.names import TAIL_COMPLEMENT_LOG_MASS
+
+    student, teacher, _ = bench_opd.make_inputs(8, 4096, torch.float32, torch.device("cpu"), 0,
+                                                "confident")  # fmt: skip
+    for logits in (student, teacher):
+        top_mass = logits.softmax(-1).topk(16).values.sum(-1)
+        assert bool((top_mass.log() > TAIL_COMPLEMENT_LOG_MASS).all()), top_mass
+    with pytest.raises(ValueError, match="unknown logits 'sharp'"):
+        bench_opd.make_inputs(2, 64, torch.float32, torch.device("cpu"), 0, "sharp")
+    document = run_bench(tmp_path, "--logits", "confident", "--impls", "opd_fast",
+                         "--estimators", "exact", "tail")  # fmt: skip
+    assert {row["logits"] for row in document["rows"]} == {"confident"}
+    assert {row["estimator"] for row in document["rows"]} == {"exact", "tail"}
