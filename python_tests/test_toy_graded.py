@@ -56,7 +56,13 @@ def test_default_world_is_unchanged():
 
 def test_graded_spec_fields_and_validation():
     graded = world_spec("graded")
-    assert set(WORLDS) == {"default", "graded"}
+    assert set(WORLDS) == {"default", "graded", "graded_drift", "no_drift"}
+    # the ablation worlds take one of graded's two changes each
+    default = world_spec("default")
+    assert world_spec("graded_drift") == dataclasses.replace(graded, teacher_phrasing_shift=4)
+    assert world_spec("graded_drift").teacher_phrasing_shift == default.teacher_phrasing_shift
+    assert world_spec("no_drift") == dataclasses.replace(default, teacher_phrasing_shift=0)
+    assert len({world_spec(name).key() for name in WORLDS}) == len(WORLDS)
     assert graded.graded_values == (0.3, 0.5, 0.2) and graded.teacher_phrasing_shift == 0
     assert graded.key() != DEFAULT_KEY
     assert graded.to_dict()["graded_values"] == [0.3, 0.5, 0.2]

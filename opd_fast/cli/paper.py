@@ -252,7 +252,8 @@ def add_paper_commands(commands) -> None:
         "--world",
         default="default",
         choices=sorted(WORLDS),
-        help="the toy world: default (embedded) or graded (the student half-knows what it "
-        "was not taught; docs/repro-2026-12-03-graded-world)",
+        help="the toy world: default (embedded), graded (the student half-knows what it "
+        "was not taught, the teacher's phrasing does not drift), or graded_drift / no_drift "
+        "(one of graded's two changes each; docs/repro-2026-12-03-graded-world)",
     )
     repro.set_defaults(handler=_repro)

@@ -17,7 +17,9 @@ paper's sign and the difference of the means exceeds the larger of the two stand
 Writes repro.json, repro.md (table, means and spreads, the paper's direction beside ours) and
 repro.png into the output folder; finished runs are reused when it is run again.
 `world` picks the toy world the grid runs on (opd_fast.toy.spec.WORLDS: "default", the
-embedded one, or "graded", where the student half-knows the entities it was not taught).
+embedded one, "graded", where the student half-knows the entities it was not taught and the
+teacher's phrasing does not drift, or "graded_drift" / "no_drift", each with one of those two
+changes).
 """
 
 from __future__ import annotations

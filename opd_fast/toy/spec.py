@@ -212,9 +212,13 @@ _DEFAULTS = {name: getattr(ToyWorldSpec(), name) for name in _LATER_FIELDS}
 # true value second, one more decoy third), and the matched teacher phrases exactly like the
 # student (no drift), so the free wording, whose low-ranked synonyms make the rest of the
 # top-16 sets, carries little of the disagreement's mass (docs/repro-2026-12-03-graded-world).
+# The two worlds differ in two fields; "graded_drift" and "no_drift" each take one of them, so
+# that a finding can be pinned on one change (the ablation in docs/repro-2026-12-03-graded-world).
 WORLDS: dict[str, ToyWorldSpec] = {
     "default": ToyWorldSpec(),
     "graded": ToyWorldSpec(graded_values=(0.3, 0.5, 0.2), teacher_phrasing_shift=0),
+    "graded_drift": ToyWorldSpec(graded_values=(0.3, 0.5, 0.2)),
+    "no_drift": ToyWorldSpec(teacher_phrasing_shift=0),
 }
 
 
