@@ -46,7 +46,8 @@ def run(dtype) -> int:
             forward = ops.opd_forward(student, teacher, sampled, valid, k, variant, "pg", 0.9)
             (_, _, _, _, grad_scale, sparse_id, sparse_coef, student_max, log_norm) = forward
             ops.opd_backward(grad_loss, student, teacher, student_max, log_norm, grad_scale,
-                             sparse_id, sparse_coef, 0.9, variant == "full_vocab")  # fmt: skip
+                             sparse_id, sparse_coef, 0.9, variant == "full_vocab",
+                             False)  # fmt: skip
             launches += 2
         student_top = ops.row_topk(student, k, 0.9)
         teacher_top = ops.row_topk(teacher, k, 0.9)

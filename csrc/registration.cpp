@@ -44,7 +44,7 @@ TORCH_LIBRARY(opd_fast, m) {
       "opd_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, "
       "Tensor student_max, Tensor student_log_norm, Tensor grad_scale, Tensor sparse_id, "
       "Tensor sparse_coef, "
-      "float temperature, bool full_vocab) -> Tensor");
+      "float temperature, bool full_vocab, bool sparse_is_gradient) -> Tensor");
   // Exact top-k (ties -> lower id) with log softmax(x / tau) at those ids, the row's
   // log-partition and entropy, in one pass: a teacher's payload, a student's requested ids.
   m.def(

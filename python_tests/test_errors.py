@@ -592,6 +592,7 @@ def _backward_inputs(variant="student_topk"):
         sparse_coef,
         1.0,
         variant == "full_vocab",
+        False,  # sparse_is_gradient: pg's coefficients correct the dense term
     ]
 
 

@@ -206,8 +206,15 @@ def _spread_confident_case(variant):
     return spread_confident_case(variant)
 
 
-@pytest.mark.parametrize("case_of", [_confident_case, _spread_confident_case],
-                         ids=["at_the_start", "spread"])  # fmt: skip
+def _dominant_confident_case(variant):
+    from numerics_cases import dominant_confident_case
+
+    return dominant_confident_case(variant)
+
+
+@pytest.mark.parametrize("case_of", [_confident_case, _spread_confident_case,
+                                     _dominant_confident_case],
+                         ids=["at_the_start", "spread", "dominant"])  # fmt: skip
 @pytest.mark.parametrize("dtype", LOGITS_DTYPES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tail_when_the_set_holds_almost_all_mass(variant, dtype, case_of):
@@ -217,7 +224,9 @@ def test_tail_when_the_set_holds_almost_all_mass(variant, dtype, case_of):
     values rounded to `dtype`; bf16 / fp16 gradients plus one ulp of their own rounding).
     `spread`: the sets' ids in later parts and blocks of the row than its start (the rest is
     summed from the row pass's partial sums, rescaled to the row's max) and rests below 1e-20
-    of the top term (a pass over the rest of its own)."""
+    of the top term (a pass over the rest of its own). `dominant`: one id with all but 1e-1 ..
+    1e-5 of the student's mass, whose gradient p_j (a_j - L) the kernels form from small
+    weights instead of p_j C - p_j (a - a_j), which kept only 1 - p_j's digits."""
     from numerics_cases import cpu_bound, errors, per_token
 
     case = case_of(variant)

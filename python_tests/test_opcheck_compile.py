@@ -10,6 +10,7 @@ import torch
 from conftest import DEVICES, correlated_logits, dtype_id, random_mask, sampled_ids_from
 
 import opd_fast
+from opd_fast.op.kernels import sparse_is_gradient
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -64,9 +65,19 @@ def test_opcheck_forward_without_grad(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("variant", ["student_topk", "full_vocab", "sampled_token"])
-def test_opcheck_backward(variant, dtype, device):
-    args = _forward_args(dtype, device, variant, "pg", 4, 0.8, True, False, requires_grad=False)
+@pytest.mark.parametrize(
+    "variant, estimator",
+    [
+        ("student_topk", "pg"),
+        ("full_vocab", "pg"),
+        ("sampled_token", "pg"),
+        ("student_topk", "tail"),
+    ],
+)
+def test_opcheck_backward(variant, estimator, dtype, device):
+    args = _forward_args(
+        dtype, device, variant, estimator, 4, 0.8, True, False, requires_grad=False
+    )
     student, teacher = args[0], args[1]
     outputs = torch.ops.opd_fast.opd_forward(*args)
     _, _, _, _, grad_scale, sparse_id, sparse_coef, student_max, student_log_norm = outputs
@@ -82,6 +93,7 @@ def test_opcheck_backward(variant, dtype, device):
         sparse_coef,
         0.8,
         variant == "full_vocab",
+        sparse_is_gradient(estimator),
     )
     torch.library.opcheck(
         torch.ops.opd_fast.opd_backward.default, backward_args, test_utils=OPCHECK_TESTS

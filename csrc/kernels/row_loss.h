@@ -279,10 +279,14 @@ OPD_HOST_DEVICE int complement_ids(Variant variant, const RowStats<acc_t>& stats
 // and "the rest", with the full-vocabulary p and q (not renormalised):
 //     L = sum_A p_v (log p_v - log q_v) + P (log P - log Q),  P = 1 - sum_A p, Q = 1 - sum_A q,
 //     dL/dz_j = (1/tau) p_j (a_j - L) for j in A, (1/tau) p_j (a - L) elsewhere,
-// with a_j = log p_j - log q_j and a = log P - log Q (0 where P = 0: no mass to move), i.e.
-// C = a - L and coef(j) = p_j (a - a_j). C is formed as sum_A coef(j) (equal, as
-// 1 - P = sum_A p): a - L cancels to a few ulp of a when A holds little of the student's mass
-// and the teacher's rest is tiny (a of ~15, a - L of ~0.3), the sum keeps its digits.
+// with a_j = log p_j - log q_j and a = log P - log Q (0 where P = 0: no mass to move).
+// The rest's C = a - L is formed as sum_A p_j (a - a_j) (equal, as 1 - P = sum_A p): a - L
+// cancels to a few ulp of a when A holds little of the student's mass and the teacher's rest
+// is tiny (a of ~15, a - L of ~0.3), the sum keeps its digits. The entries of A carry their
+// whole gradient p_j (a_j - L) (the backward's sparse_is_gradient): p_j C - p_j (a - a_j) would
+// lose the digits of a dominant p_j (1 - p_j times a large C). For the one entry with
+// p_j > 1/2, a_j - L is summed as sum_{i in A, i != j} p_i (a_j - a_i) + P (a_j - a), every
+// term a small weight times a difference, so a_j - L keeps its digits as p_j -> 1.
 template <typename acc_t>
 OPD_HOST_DEVICE RowResult<acc_t> tail_row_loss(Variant variant, const RowStats<acc_t>& stats,
                                                const Candidates<acc_t>& all, int64_t* sparse_id,
@@ -311,10 +315,22 @@ OPD_HOST_DEVICE RowResult<acc_t> tail_row_loss(Variant variant, const RowStats<a
     if (!in_loss_set(set.filter, cand.in_student[i], cand.in_teacher[i])) continue;
     const acc_t p = safe_exp(cand.log_p[i]);
     if (!(p > acc_t(0))) continue;
-    const acc_t coef = p * (tail_gap - (cand.log_p[i] - cand.log_q[i]));
+    const acc_t gap = cand.log_p[i] - cand.log_q[i];
+    result.grad_scale += p * (tail_gap - gap);
+    acc_t gap_minus_loss = gap - loss;
+    if (p > acc_t(0.5)) {  // the dominant entry: a_j - L from small weights (comment above)
+      gap_minus_loss = tail_p > acc_t(0) ? tail_p * (gap - tail_gap) : acc_t(0);
+      for (int other = 0; other < cand.count; ++other) {
+        if (other == i || !in_loss_set(set.filter, cand.in_student[other], cand.in_teacher[other])) {
+          continue;
+        }
+        const acc_t weight = safe_exp(cand.log_p[other]);
+        if (weight > acc_t(0)) gap_minus_loss += weight * (gap - (cand.log_p[other] - cand.log_q[other]));
+      }
+      if (!(loss - loss == acc_t(0))) gap_minus_loss = gap - loss;  // NaN / inf propagate
+    }
     sparse_id[result.sparse_count] = cand.id[i];
-    sparse_coef[result.sparse_count] = coef;
-    result.grad_scale += coef;
+    sparse_coef[result.sparse_count] = p * gap_minus_loss;
     ++result.sparse_count;
   }
   if (!(loss - loss == acc_t(0))) result.grad_scale = tail_gap - loss;  // NaN / inf: as before

@@ -266,6 +266,7 @@ struct BackwardPlan {
       sparse_coef;
   double temperature;
   bool full_vocab;
+  bool sparse_is_gradient;
 };
 
 inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor& student,
@@ -273,7 +274,7 @@ inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& student_log_norm,
                                   const at::Tensor& grad_scale, const at::Tensor& sparse_id,
                                   const at::Tensor& sparse_coef, double temperature,
-                                  bool full_vocab) {
+                                  bool full_vocab, bool sparse_is_gradient) {
   check_matrix(student, "student_logits");
   check_logits_dtype(student, "student_logits");
   check_temperature_range(temperature, student);
@@ -306,7 +307,8 @@ inline BackwardPlan plan_backward(const at::Tensor& grad_loss, const at::Tensor&
                       sparse_id.contiguous(),
                       sparse_coef.contiguous(),
                       temperature,
-                      full_vocab};
+                      full_vocab,
+                      sparse_is_gradient};
 }
 
 }  // namespace opd_fast

@@ -79,6 +79,7 @@ void fill_args(Args& args, const BackwardPlan& plan, const at::Tensor& grad_stud
   point_rows(args.teacher, args.teacher_row_stride, plan.teacher);  // undefined without full_vocab
   args.vocab = plan.student.size(1);
   args.full_vocab = plan.full_vocab;
+  args.sparse_is_gradient = plan.sparse_is_gradient;
   point(args.grad_loss, plan.grad_loss);
   point(args.student_max, plan.student_max);
   point(args.student_log_norm, plan.student_log_norm);

@@ -18,6 +18,13 @@ from opd_fast.op.names import MAX_K, TOKEN_METRIC_NAMES
 NUM_METRICS = len(TOKEN_METRIC_NAMES)
 
 
+def sparse_is_gradient(estimator: str) -> bool:
+    """How opd_backward reads sparse_coef: the listed entries' whole gradient (tail, whose
+    dominant entries would lose their digits as p * C - coef), else a correction subtracted
+    from the dense p * C (csrc/kernels/row_loss.h)."""
+    return estimator == "tail"
+
+
 class ForwardResult(NamedTuple):
     loss: torch.Tensor  # (N,) per-row loss L_t, differentiable w.r.t. student_logits
     metrics: torch.Tensor  # (N, NUM_METRICS) in TOKEN_METRIC_NAMES order
@@ -25,7 +32,7 @@ class ForwardResult(NamedTuple):
     teacher_lse: torch.Tensor  # (N,) log sum exp(u / tau)
     grad_scale: torch.Tensor  # (N,) C of the gradient (csrc/kernels/row_loss.h)
     sparse_id: torch.Tensor  # (N, 2k) int64, -1 where unused
-    sparse_coef: torch.Tensor  # (N, 2k)
+    sparse_coef: torch.Tensor  # (N, 2k); see sparse_is_gradient
     # log p = (z - student_max) / tau - student_log_norm: the shifted form the backward reads,
     # exact where z / tau is too large for student_lse to keep log_norm's digits.
     student_max: torch.Tensor  # (N,) max_j z_j, raw logits
@@ -202,10 +209,13 @@ if extension_available():
         sparse_coef,
         temperature,
         full_vocab,
+        sparse_is_gradient,
     ):
         return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
-    def _save_for_backward(ctx, student_logits, teacher_logits, output, temperature, full_vocab):
+    def _save_for_backward(
+        ctx, student_logits, teacher_logits, output, temperature, full_vocab, estimator
+    ):
         result = ForwardResult(*output)
         ctx.save_for_backward(
             student_logits,
@@ -218,6 +228,7 @@ if extension_available():
         )
         ctx.temperature = temperature
         ctx.full_vocab = full_vocab
+        ctx.sparse_is_gradient = sparse_is_gradient(estimator)
         ctx.mark_non_differentiable(*result[1:])
 
     def _grad_student(ctx, grad_loss):
@@ -232,6 +243,7 @@ if extension_available():
             *rest,
             ctx.temperature,
             ctx.full_vocab,
+            ctx.sparse_is_gradient,
         )
 
     def _setup_context(ctx, inputs, output):
@@ -243,6 +255,7 @@ if extension_available():
             output,
             args.temperature,
             args.variant == "full_vocab",
+            args.estimator,
         )
 
     def _backward(ctx, grad_loss, *unused_grads):
@@ -256,7 +269,13 @@ if extension_available():
         args = SparseForwardInputs(*inputs)
         # The backward never reads the teacher for non-full_vocab variants: pass the student.
         _save_for_backward(
-            ctx, args.student_logits, args.student_logits, output, args.temperature, False
+            ctx,
+            args.student_logits,
+            args.student_logits,
+            output,
+            args.temperature,
+            False,
+            args.estimator,
         )
 
     def _backward_sparse(ctx, grad_loss, *unused_grads):

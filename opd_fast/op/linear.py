@@ -255,6 +255,7 @@ def _chunked_pass(args: LinearOpInputs) -> LinearOpOutputs:
             result.sparse_coef,
             args.temperature,
             args.variant in NEEDS_TEACHER_LOGITS,
+            kernels.sparse_is_gradient(args.estimator),
         )
         del student, teacher
         torch.mm(grad_logits, weight_rows, out=grad_hidden[start:end])

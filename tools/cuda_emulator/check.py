@@ -220,7 +220,8 @@ def forward_case(binaries, work, student, teacher, k, variant, estimator, temper
     _, np_acc, tol = acc_types(student.dtype)
     full = variant == "full_vocab"
     grad_want = ops.opd_backward(grad_loss, s_view, t_view, student_max, student_log_norm,
-                                 grad_scale, sparse_id, sparse_coef, temperature, full)  # fmt: skip
+                                 grad_scale, sparse_id, sparse_coef, temperature, full,
+                                 estimator == "tail")  # fmt: skip
     out = harness(binaries["forward_harness"], work, payload)
     if out is None:
         return False

@@ -57,6 +57,7 @@ void run(const char* data, const int64_t* h, double temperature, FILE* out) {
   bp.student = student; bp.teacher = full ? teacher : nullptr; bp.student_row_stride = ss;
   bp.teacher_row_stride = full ? ts : 0; bp.rows = N; bp.vocab = V; bp.inv_tau = acc_t(1) / acc_t(temperature);
   bp.full_vocab = full; bp.grad_loss = grad_loss.data();
+  bp.sparse_is_gradient = Estimator(h[5]) == Estimator::kTail;
   bp.student_max = chain ? smax.data() : max_in.data();
   bp.student_log_norm = chain ? snorm.data() : log_norm_in.data();
   bp.grad_scale = chain ? gs.data() : scale_in.data();

@@ -85,6 +85,7 @@ struct BackwardArgs {
   int64_t vocab;
   double temperature;
   bool full_vocab;
+  bool sparse_is_gradient;  // sparse_coef is those entries' gradient (tail), not a correction
   const void* grad_loss;    // (N,) accumulation type
   const void* student_max;       // (N,) from the forward
   const void* student_log_norm;  // (N,) from the forward

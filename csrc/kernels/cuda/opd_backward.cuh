@@ -4,7 +4,8 @@
 // Math (gradient convention of row_loss.h), per row with upstream gradient g:
 //     grad_j = (g / tau) * ( p_j * (C + D * (z_j - u_j) / tau) - coef(j) )
 //     p_j = exp(z_j / tau - lse_s)   (0 where z_j = -inf),  D = 1 only for full_vocab,
-// coef(j) non-zero only at the <= W listed sparse ids. Same as backward_rows_impl in
+// coef(j) non-zero only at the <= W listed sparse ids; with sparse_is_gradient (the tail
+// estimator) grad_j = (g / tau) * coef(j) there instead. Same as backward_rows_impl in
 // ../cpu/opd_backward.inc.
 //
 // Shapes: student (N, V) (and teacher (N, V) for full_vocab) with unit stride along V and any
@@ -16,7 +17,8 @@
 // stores (scalar at an unaligned head and at the tail; a row whose pointers disagree on
 // 16-byte alignment is done all scalar) writing the dense part, rounded once to the logits
 // dtype; rows with g == 0 just write zeros. After __syncthreads() the listed sparse ids are
-// overwritten with the recomputed dense value minus (g / tau) * coef (again one rounding).
+// overwritten with the recomputed dense value minus (g / tau) * coef (again one rounding), or
+// with (g / tau) * coef where the coefficients are the gradient itself.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,6 +44,7 @@ struct BackwardParams {
   int64_t vocab;
   acc_t inv_tau;  // acc_t(1) / acc_t(temperature), computed on the host
   bool full_vocab;
+  bool sparse_is_gradient;  // sparse_coef is those entries' gradient (tail), not a correction
   const acc_t* grad_loss;    // (rows,)
   const acc_t* student_max;       // (rows,) raw max of z, from the forward
   const acc_t* student_log_norm;  // (rows,) log sum exp((z - max) / tau), from the forward
@@ -139,6 +142,10 @@ __global__ void __launch_bounds__(kBackwardThreads)
   for (int i = tid; i < p.sparse_width; i += kBackwardThreads) {
     const int64_t id = sparse_id[i];
     if (id < 0 || id >= vocab) continue;
+    if (p.sparse_is_gradient) {
+      grad[id] = E::from_acc(step * sparse_coef[i]);
+      continue;
+    }
     const acc_t u = kFullVocab ? E::to_acc(teacher[id]) : acc_t(0);
     // p * C - coef before the step: where p rounds to 1 they cancel exactly (tiny tau).
     const acc_t dense =
